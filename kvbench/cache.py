@@ -1,0 +1,222 @@
+"""A transformers `Cache` whose layers can evict: the storage half of the engine.
+
+Each layer holds, besides keys and values (B, Hk, T, D), the *original index* of
+every slot (`pos`, B x Hk x T) and whether the slot holds a real token (`valid`):
+after eviction rows and heads keep different tokens, and rows of a batch may keep
+different counts, so slots are right-aligned and unused ones marked invalid.
+The attention function (`attention.py`) builds its mask from these, never from the
+model's 2-D mask, whose columns no longer line up with an evicted cache.
+
+`get_seq_length` reports the tokens *seen* (what transformers uses it for: the next
+position), like `DynamicSlidingWindowLayer`; `get_mask_sizes` and `stored_length`
+report what is held.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+if TYPE_CHECKING:
+    from kvbench.methods.base import Method
+    from kvbench.segments import Segment
+
+# Set by KVCache.update, read by the attention function right after, for the same layer.
+CURRENT: ContextVar[tuple[KVCache, int] | None] = ContextVar("kvbench_current_layer", default=None)
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's cache: keys/values plus slot positions and validity; evicts by gathering slots."""
+
+    def __init__(self, sliding_window: int | None = None):
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.seen = 0  # positions processed (index space, padding included)
+        self.pos: torch.Tensor | None = None  # (B, Hk, T) original index of each slot
+        self.valid: torch.Tensor | None = None  # (B, 1 | Hk, T) slot holds a real token
+        self.all_valid = True  # fast path: no padding, no filler slots
+        self.n_prompt: int | None = None  # prompt length (index space), set at prefill
+        self.n_prefill_slots = 0  # slots holding the (compressed) prompt; generated tokens follow
+        self.prefill_kept: torch.Tensor | None = None  # (B, Hk) real tokens kept after prefill
+        self.accumulated: torch.Tensor | None = None  # (B, Hk, T) attention received (H2O), if tracked
+        self.captured: dict | None = None  # what scoring needs, when the cache captures (prefill.py)
+
+    # --- transformers' layer API -------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, q, _ = key_states.shape
+        new_pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
+        new_pos = new_pos.expand(B, H, q)
+        new_valid = torch.ones(B, 1 if self.valid is None else self.valid.shape[1], q,
+                               dtype=torch.bool, device=key_states.device)
+        if self.keys.numel() == 0:
+            self.keys, self.values, self.pos, self.valid = key_states, value_states, new_pos, new_valid
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.pos = torch.cat([self.pos, new_pos], dim=-1)
+            self.valid = torch.cat([self.valid, new_valid], dim=-1)
+            if self.accumulated is not None:
+                self.accumulated = torch.cat([self.accumulated, self.accumulated.new_zeros(B, H, q)], dim=-1)
+        self.seen += q
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    def reset(self) -> None:
+        self.__init__(self.sliding_window)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a compressed cache does not support beam search; use greedy decoding")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a compressed cache does not support num_return_sequences > 1")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in ("keys", "values", "pos", "valid", "accumulated", "prefill_kept"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[indices])
+
+    # --- kvbench ------------------------------------------------------------------
+    def stored_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def mark_new_valid(self, new_valid: torch.Tensor) -> None:
+        """Record which of the `q` newest slots are padding, from the model's 2-D mask (B, q)."""
+        q = new_valid.shape[-1]
+        if bool(new_valid.all()):
+            return
+        self.valid[..., -q:] = new_valid[:, None, :]
+        self.all_valid = False
+
+    def gather(self, idx: torch.Tensor, valid: torch.Tensor, start: int = 0) -> None:
+        """Keep slots `start + idx` (B, Hk, K) of the slots from `start` on; earlier slots stay as they are.
+
+        `valid` (B, Hk, K) marks filler slots. The kept part is written in place and the
+        tensors are narrowed, so evicting k generated tokens costs O(k), not O(cache).
+        """
+        K = idx.shape[-1]
+        gidx = idx + start
+        kv_idx = gidx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        keys, values = self.keys.gather(2, kv_idx), self.values.gather(2, kv_idx)
+        pos = self.pos.gather(2, gidx.to(torch.int64))
+        acc = None if self.accumulated is None else self.accumulated.gather(2, gidx)
+        if not bool(valid.all()):
+            self.all_valid = False
+        # Heads keep the same count in every row we build, so validity is shared across heads.
+        shared = bool((valid == valid[:, :1]).all())
+        valid = valid[:, :1] if shared else valid
+        old_valid = self.valid[..., :start]
+        if old_valid.shape[1] != valid.shape[1]:
+            heads = max(old_valid.shape[1], valid.shape[1])
+            old_valid, valid = old_valid.expand(-1, heads, -1), valid.expand(-1, heads, -1)
+        if start == 0:
+            self.keys, self.values, self.pos, self.valid, self.accumulated = keys, values, pos, valid, acc
+            return
+        end = start + K
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.pos[:, :, start:end] = pos
+        self.keys, self.values, self.pos = self.keys[:, :, :end], self.values[:, :, :end], self.pos[:, :, :end]
+        self.valid = torch.cat([old_valid, valid], dim=-1)
+        if acc is not None:
+            self.accumulated[:, :, start:end] = acc
+            self.accumulated = self.accumulated[:, :, :end]
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the slots where `mask` (B, Hk, T) is True, in position order, right-aligned.
+
+        Rows and heads may keep different counts: shorter ones get invalid filler slots
+        on the left, as left padding would.
+        """
+        T = mask.shape[-1]
+        K = int(mask.sum(-1).max())
+        slot = torch.arange(T, device=mask.device).expand_as(mask)
+        idx = torch.where(mask, slot, -1).sort(-1).values[..., T - K:]
+        self.gather(idx.clamp(min=0), idx >= 0)
+
+    def trim_to_window(self) -> None:
+        """Sliding-window layers hold only the last `sliding_window - 1` slots, as transformers' do."""
+        keep = self.sliding_window - 1
+        if self.sliding_window is None or self.stored_length() <= keep:
+            return
+        self.keys, self.values = self.keys[:, :, -keep:], self.values[:, :, -keep:]
+        self.pos, self.valid = self.pos[:, :, -keep:], self.valid[:, :, -keep:]
+
+    def nbytes(self) -> int:
+        """Bytes of the stored keys and values (the KV cache proper)."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def kept_tokens(self) -> torch.Tensor:
+        """Real tokens held now, per row and head: (B, Hk)."""
+        return self.valid.expand(-1, self.keys.shape[1], -1).sum(-1)
+
+
+class KVCache(Cache):
+    """The kvbench cache: one `CompressedLayer` per decoder layer, compressing as `method` says.
+
+    Args:
+        config: the model config (layer types and sliding windows are read from it).
+        method: the compression method, or None to store everything.
+        segments: per batch row, the prompt's labelled spans (indices into the row's real tokens).
+        capture: when set, keep what scoring needs at prefill (see `prefill.py`):
+            ``{"window": int, "accumulated": bool}``.
+    """
+
+    def __init__(self, config, method: Method | None = None,
+                 segments: list[list[Segment]] | None = None, capture: dict | None = None):
+        text = config.get_text_config(decoder=True)
+        n = text.num_hidden_layers
+        types = getattr(text, "layer_types", None) or ["full_attention"] * n
+        window = getattr(text, "sliding_window", None)
+        layers = [CompressedLayer(window if t == "sliding_attention" else None) for t in types[:n]]
+        super().__init__(layers=layers)
+        self.method = method
+        self.segments = segments
+        self.capture = capture
+        self.n_layers = n
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        CURRENT.set((self, layer_idx))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    # --- statistics -----------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        """What an uncompressed transformers cache of the same sequence would hold."""
+        total = 0
+        for layer in self.layers:
+            if layer.keys is None:
+                continue
+            B, H, _, D = layer.keys.shape
+            T = layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
+            total += 2 * B * H * T * D * layer.keys.element_size()
+        return total
+
+    def kept_after_prefill(self) -> list[list[int]]:
+        """Real prompt tokens kept per layer, per row (max over heads where heads differ)."""
+        rows = []
+        for layer in self.layers:
+            kept = layer.prefill_kept
+            rows.append([] if kept is None else kept.max(dim=1).values.tolist())
+        return [list(r) for r in zip(*rows)] if rows and rows[0] else []

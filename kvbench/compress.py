@@ -1,0 +1,131 @@
+"""When and how a `KVCache` compresses: at the end of prefill, and while decoding.
+
+Called by the attention function right after it computed a layer's output, so
+prefill compression changes only what is *stored*, never what later layers see:
+one prefill can serve every method and ratio (`prefill.py` builds caches from a
+captured prefill with the same `finish_prefill`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.cache import CompressedLayer, KVCache
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import Method
+from kvbench.segments import Segment
+from kvbench.view import LayerView
+
+ACCUMULATE_CHUNK = 256  # prompt queries per step when summing attention received (bounds memory)
+
+
+def wants_weights(cache: KVCache, layer: CompressedLayer) -> bool:
+    """Decoding-phase scoring needs this step's attention weights."""
+    m = cache.method
+    return (m is not None and m.compresses_decoding and m.decoding_needs_attention
+            and layer.n_prompt is not None and layer.sliding_window is None)
+
+
+def accumulated_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Attention each slot receives, summed over all real prompt queries: (B, Hk, T), float32.
+
+    H2O's heavy-hitter statistic. Query heads of a group are averaged. Computed in
+    chunks of queries so the (q, T) attention matrix never exists whole.
+    """
+    B, Hq, T, D = query.shape
+    Hk = keys.shape[1]
+    g = Hq // Hk
+    k = keys.float()[:, :, None].transpose(-1, -2)  # (B, Hk, 1, D, T)
+    slot = torch.arange(T, device=query.device)
+    acc = torch.zeros(B, Hk, T, device=query.device)
+    for s in range(0, T, ACCUMULATE_CHUNK):
+        e = min(T, s + ACCUMULATE_CHUNK)
+        logits = query[:, :, s:e].float().view(B, Hk, g, e - s, D) @ k * scale  # (B, Hk, g, c, T)
+        own = slot[s:e, None] == slot[None, :]
+        visible = ((slot[None, :] <= slot[s:e, None])[None] & valid[:, None, :]) | own[None]
+        w = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)
+        w = w * valid[:, s:e][:, None, None, :, None]  # padding queries give nothing
+        acc += w.sum(3).mean(2)
+    return acc
+
+
+def row_segments(segments: list[list[Segment]] | None, valid: torch.Tensor) -> list[list[Segment]]:
+    """Shift each row's segments (indices into its real tokens) by its left padding."""
+    if not segments:
+        return []
+    T = valid.shape[-1]
+    out = []
+    for row, n in zip(segments, valid.sum(-1).tolist()):
+        off = T - n
+        for seg in row:
+            if seg.end > n:
+                raise KvbenchError(f"segment {seg.kind} [{seg.start}, {seg.end}) ends past the prompt's "
+                                   f"{n} tokens; build segments with kvbench.prompts.build_prompt")
+        out.append([Segment(s.kind, s.start + off, s.end + off) for s in row])
+    return out
+
+
+def make_view(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: torch.Tensor, scale: float,
+              window: int, accumulate: bool) -> LayerView:
+    valid = layer.valid[:, 0]
+    return LayerView(
+        keys=layer.keys, values=layer.values, queries=query[:, :, -max(1, window):], valid=valid,
+        scale=scale, layer_idx=layer_idx, n_layers=cache.n_layers,
+        segments=row_segments(cache.segments, valid),
+        accumulated=accumulated_attention(query, layer.keys, valid, scale) if accumulate else None,
+    )
+
+
+def finish_prefill(layer: CompressedLayer, view: LayerView | None, method: Method | None) -> None:
+    """Compress a layer's prompt cache by `method` and freeze its bookkeeping. Shared by both paths."""
+    if view is not None and method is not None and method.compresses_prefill:
+        layer.keep(method.select(view))
+    layer.n_prefill_slots = layer.stored_length()
+    layer.prefill_kept = layer.kept_tokens()
+    if method is not None and method.compresses_decoding and method.needs_accumulated:
+        layer.accumulated = layer.keys.new_zeros(layer.keys.shape[:3], dtype=torch.float32)
+
+
+def on_prefill(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: torch.Tensor,
+               scale: float) -> None:
+    layer.n_prompt = layer.seen
+    method, capture = cache.method, cache.capture
+    view = None
+    if layer.sliding_window is None:  # sliding-window layers are never compressed (documented)
+        if capture is not None:
+            view = make_view(cache, layer, layer_idx, query, scale, capture["window"], capture["accumulated"])
+            layer.captured = view
+        elif method is not None and method.compresses_prefill:
+            view = make_view(cache, layer, layer_idx, query, scale, method.observation_window,
+                             method.needs_accumulated)
+    finish_prefill(layer, view, method)
+
+
+def on_decode(cache: KVCache, layer: CompressedLayer, weights: torch.Tensor | None) -> None:
+    """Hold the generated tokens at the decoding budget; the prompt part is never touched again."""
+    method = cache.method
+    if method is None or not method.compresses_decoding or layer.sliding_window is not None:
+        return
+    P = layer.n_prefill_slots
+    if layer.accumulated is not None and weights is not None:
+        layer.accumulated += weights.sum(2)
+    n_gen = layer.seen - layer.n_prompt
+    k = method.decoding_keep_count(n_gen)
+    if layer.stored_length() - P <= k or n_gen % method.decoding_every:
+        return
+    attn = None if weights is None else weights[:, :, -1, P:]
+    acc = None if layer.accumulated is None else layer.accumulated[..., P:]
+    idx = method.select_decoding(attn, acc, layer.pos[..., P:], k)
+    layer.gather(idx, torch.ones_like(idx, dtype=torch.bool), start=P)
+
+
+def after_attention(cache: KVCache, layer_idx: int, query: torch.Tensor, scale: float,
+                    weights: torch.Tensor | None) -> None:
+    layer = cache.layers[layer_idx]
+    if layer.n_prompt is None:
+        on_prefill(cache, layer, layer_idx, query, scale)
+    else:
+        on_decode(cache, layer, weights)
+    if layer.sliding_window is not None:
+        layer.trim_to_window()

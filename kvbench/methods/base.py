@@ -1,0 +1,213 @@
+"""The method contract, the budget rule and the shared selection code.
+
+A method is a frozen dataclass of its settings. Most methods only write `score`
+(higher = keep); the kept count, protected tokens, top-k and the decoding-phase
+bookkeeping live here, once. Methods that keep whole units (chunks, shots)
+override `select`.
+
+Vocabulary: `ratio` is the fraction of the cache *kept* (the study's convention;
+kvpress's `compression_ratio` is the fraction removed, i.e. 1 - ratio). `budget`
+is a fixed number of kept tokens and, when given, replaces `ratio`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench.errors import KvbenchError
+from kvbench.view import LayerView
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a method available by `name` to the API, the CLI and configs."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def keep_count(n: int, ratio: float, budget: int | None) -> int:
+    """The budget rule: tokens kept out of `n`. A pure function of the length and the setting.
+
+    `budget` wins when given; otherwise round(ratio * n) (halves up), at least 1, at most n.
+    """
+    if budget is not None:
+        return min(n, budget)
+    return min(n, max(1, math.floor(ratio * n + 0.5)))
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise KvbenchError(f"{name}={value} is outside (0, 1]: it is the fraction of the cache kept (0.1 keeps 10%)")
+
+
+@dataclass(frozen=True)
+class Method:
+    """Settings common to every method.
+
+    Attributes:
+        ratio: fraction of the prompt's cache kept, in (0, 1].
+        budget: tokens of the prompt's cache kept; replaces `ratio` when set.
+        protect: segment kinds never evicted (`instruction`, `shot`, `question`, `context`).
+        decoding_ratio: fraction of generated tokens kept (decoding-phase compression), or None.
+        decoding_budget: generated tokens kept; replaces `decoding_ratio` when set.
+        decoding_every: compress the generated tokens every this many steps (1 = every step).
+    """
+
+    ratio: float = 1.0
+    budget: int | None = None
+    protect: tuple[str, ...] = ()
+    decoding_ratio: float | None = None
+    decoding_budget: int | None = None
+    decoding_every: int = 1
+
+    name: ClassVar[str] = ""
+    phases: ClassVar[tuple[str, ...]] = ("prefill",)  # add "decoding" where the method defines it
+    needs_accumulated: ClassVar[bool] = False  # needs the attention every prompt token received (H2O)
+    shares_prefill: ClassVar[bool] = True  # False: the method changes the prefill computation itself
+
+    def __post_init__(self) -> None:
+        _check_fraction("ratio", self.ratio)
+        _check_fraction("decoding_ratio", self.decoding_ratio)
+        for name in ("budget", "decoding_budget", "decoding_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise KvbenchError(f"{name}={value!r} must be a whole number >= 1")
+        if isinstance(self.protect, str) or isinstance(self.protect, list):
+            object.__setattr__(self, "protect", tuple([self.protect] if isinstance(self.protect, str)
+                                                      else self.protect))
+        if self.compresses_decoding and "decoding" not in self.phases:
+            raise KvbenchError(f"{self.name} compresses the prefill only; decoding compression is available "
+                               f"for: {', '.join(n for n, c in REGISTRY.items() if 'decoding' in c.phases)}")
+
+    # --- the budget ----------------------------------------------------------------
+    @property
+    def compresses_prefill(self) -> bool:
+        return "prefill" in self.phases and (self.ratio < 1.0 or self.budget is not None)
+
+    @property
+    def compresses_decoding(self) -> bool:
+        return self.decoding_ratio is not None or self.decoding_budget is not None
+
+    def keep_count(self, n: int, layer_idx: int = 0, n_layers: int = 1) -> int:
+        """Prompt tokens kept in layer `layer_idx` out of `n` real ones (per-layer rules override)."""
+        return keep_count(n, self.ratio, self.budget)
+
+    def decoding_keep_count(self, n_generated: int) -> int:
+        return keep_count(n_generated, self.decoding_ratio or 1.0, self.decoding_budget)
+
+    @property
+    def observation_window(self) -> int:
+        """Trailing prompt tokens whose queries scoring reads (0: none)."""
+        return getattr(self, "window_size", 0)
+
+    def sinks(self) -> int:
+        """Leading real tokens always kept."""
+        return 0
+
+    def recent(self, n_keep: int) -> int:
+        """Trailing real tokens always kept (the observation window by default)."""
+        return self.observation_window
+
+    # --- prefill selection --------------------------------------------------------------
+    def score(self, view: LayerView) -> torch.Tensor:
+        """Scores (B, Hk, T), higher = keep. Padding and protected slots are handled by `select`."""
+        raise NotImplementedError
+
+    def protected(self, view: LayerView, n_keep: int, row: int) -> torch.Tensor:
+        """(T,) bool: the sinks, the recent window and protected segments of one row; never evicted."""
+        T = view.valid.shape[1]
+        n = int(view.valid[row].sum())
+        mask = torch.zeros(T, dtype=torch.bool, device=view.valid.device)
+        sinks = min(self.sinks(), n_keep)
+        recent = min(self.recent(n_keep), n_keep - sinks)
+        mask[T - n: T - n + sinks] = True
+        if recent:
+            mask[T - recent:] = True
+        for seg in view.segments[row] if view.segments else ():
+            if seg.kind in self.protect:
+                mask[seg.start: seg.end] = True
+        return mask
+
+    def select(self, view: LayerView) -> torch.Tensor:
+        """Keep mask (B, Hk, T): per row and head, the protected tokens plus the best-scored ones,
+        `keep_count` in all (or the protected count, if larger)."""
+        scores = self.score(view).float()
+        B, Hk, T = scores.shape
+        keep = torch.zeros(B, Hk, T, dtype=torch.bool, device=scores.device)
+        for b, n in enumerate(view.n_real):
+            k = self.keep_count(n, view.layer_idx, view.n_layers)
+            prot = self.protected(view, k, b)
+            k = max(k, int(prot.sum()))
+            s = scores[b].masked_fill(~view.valid[b], float("-inf")).masked_fill(prot, float("inf"))
+            keep[b].scatter_(-1, s.topk(k, dim=-1).indices, True)
+        return keep
+
+    # --- decoding selection -----------------------------------------------------------------
+    def decoding_score(self, attention: torch.Tensor | None, accumulated: torch.Tensor | None,
+                       pos: torch.Tensor) -> torch.Tensor:
+        """Scores (B, Hk, G) of the G generated tokens held, higher = keep.
+
+        `attention`: the current query's attention on them (B, Hk, G), group-averaged;
+        `accumulated`: attention received since each was generated; `pos`: their positions.
+        """
+        raise NotImplementedError
+
+    def decoding_recent(self, n_keep: int) -> int:
+        """Newest generated tokens always kept (the newest is the next step's key)."""
+        return 1
+
+    @property
+    def decoding_needs_attention(self) -> bool:
+        return self.compresses_decoding
+
+    def select_decoding(self, attention, accumulated, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
+        """Indices (B, Hk, n_keep), ascending, of the generated tokens kept."""
+        s = self.decoding_score(attention, accumulated, pos).float()
+        recent = min(self.decoding_recent(n_keep), n_keep)
+        if recent:
+            s[..., -recent:] = float("inf")
+        return s.topk(n_keep, dim=-1).indices.sort(-1).values
+
+    # --- description ----------------------------------------------------------------------
+    @classmethod
+    def settings(cls) -> dict[str, object]:
+        return {f.name: f.default for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+def make_method(name: str | Method, **settings) -> Method:
+    """A method by registry name with settings, e.g. ``make_method("snapkv", ratio=0.3, window_size=16)``."""
+    if isinstance(name, Method):
+        return dataclasses.replace(name, **settings) if settings else name
+    if name not in REGISTRY:
+        raise KvbenchError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))} "
+                           "(`kvbench methods` lists their settings)")
+    cls = REGISTRY[name]
+    unknown = set(settings) - set(cls.settings())
+    if unknown:
+        raise KvbenchError(f"{name} has no setting {', '.join(sorted(unknown))}; "
+                           f"its settings: {', '.join(cls.settings())}")
+    try:
+        return cls(**settings)
+    except TypeError as e:
+        raise KvbenchError(f"bad settings for {name}: {e}") from None
+
+
+def list_methods() -> list[dict]:
+    """Every registered method: name, summary, phases and settings with defaults."""
+    return [{"name": n, "summary": c.summary(), "phases": list(c.phases), "settings": c.settings()}
+            for n, c in sorted(REGISTRY.items())]

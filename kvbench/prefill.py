@@ -1,0 +1,81 @@
+"""Prefill once, compress many.
+
+During prefill, compression changes only what is *stored*, never the hidden states
+later layers see. So one forward pass over a prompt batch, with what scoring needs
+captured (keys, values, the observation window's queries, optionally the attention
+each token received), can build any method's compressed cache at any ratio without
+another forward pass. `Prefill.compress` uses the very code a cache runs when it
+compresses during a normal prefill (`compress.finish_prefill`), so both give the same
+cache (tested).
+
+Methods that change the prefill computation itself (`shares_prefill = False`, e.g.
+PyramidInfer) cannot be built this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.cache import CompressedLayer, KVCache
+from kvbench.compress import finish_prefill
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import Method
+from kvbench.segments import Segment
+
+
+@dataclass
+class Prefill:
+    """A captured prefill: the full prompt cache, scoring inputs, and the last token's logits (B, V)."""
+
+    cache: KVCache
+    logits: torch.Tensor
+    attention_mask: torch.Tensor
+    config: object
+    window: int
+    accumulated: bool
+
+    def compress(self, method: Method) -> KVCache:
+        """A new cache holding what `method` keeps of this prefill; the capture is left intact."""
+        if not method.shares_prefill:
+            raise KvbenchError(f"{method.name} changes the prefill itself; run it with kvbench.generate")
+        if method.observation_window > self.window:
+            raise KvbenchError(f"{method.name} needs a {method.observation_window}-token window; "
+                               f"capture with window>={method.observation_window}")
+        if method.needs_accumulated and not self.accumulated:
+            raise KvbenchError(f"{method.name} needs accumulated attention; capture with accumulated=True")
+        out = KVCache(self.config, method, self.cache.segments)
+        for src, dst in zip(self.cache.layers, out.layers):
+            _copy_state(src, dst)
+            finish_prefill(dst, src.captured, method)
+        return out
+
+
+def _copy_state(src: CompressedLayer, dst: CompressedLayer) -> None:
+    # Tensors are shared, not copied: eviction gathers into new tensors and decoding
+    # concatenates into new ones, so the capture is never written through.
+    for name in ("keys", "values", "pos", "valid", "all_valid", "seen", "n_prompt", "is_initialized"):
+        setattr(dst, name, getattr(src, name))
+    if src.is_initialized:
+        dst.dtype, dst.device = src.dtype, src.device
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            segments: list[list[Segment]] | None = None, window: int = 64,
+            accumulated: bool = False) -> Prefill:
+    """Run one forward pass over `input_ids` (B, T; left-padded) and capture what methods score with.
+
+    Args:
+        window: observation-window queries to keep (the largest any method will use).
+        accumulated: also sum the attention every token receives (needed by H2O; costs
+            one more pass over the attention matrix, in chunks).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = KVCache(model.config, None, segments, capture={"window": window, "accumulated": accumulated})
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return Prefill(cache, out.logits[:, -1].float(), attention_mask, model.config, window, accumulated)
