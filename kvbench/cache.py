@@ -193,6 +193,7 @@ class KVCache(Cache):
         self.segments = segments
         self.capture = capture
         self.n_layers = n
+        self.scratch: dict = {}  # cross-layer state of the method while it compresses the prefill
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         CURRENT.set((self, layer_idx))

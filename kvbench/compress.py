@@ -72,7 +72,7 @@ def make_view(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: tor
     return LayerView(
         keys=layer.keys, values=layer.values, queries=query[:, :, -max(1, window):], valid=valid,
         scale=scale, layer_idx=layer_idx, n_layers=cache.n_layers,
-        segments=row_segments(cache.segments, valid),
+        segments=row_segments(cache.segments, valid), shared=cache.scratch,
         accumulated=accumulated_attention(query, layer.keys, valid, scale) if accumulate else None,
     )
 

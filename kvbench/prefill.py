@@ -14,6 +14,7 @@ PyramidInfer) cannot be built this way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,8 @@ class Prefill:
         out = KVCache(self.config, method, self.cache.segments)
         for src, dst in zip(self.cache.layers, out.layers):
             _copy_state(src, dst)
-            finish_prefill(dst, src.captured, method)
+            view = None if src.captured is None else dataclasses.replace(src.captured, shared=out.scratch)
+            finish_prefill(dst, view, method)
         return out
 
 

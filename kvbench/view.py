@@ -23,6 +23,8 @@ class LayerView:
         segments: per row, labelled spans in slot indices (padding offset applied).
         accumulated: (B, Hk, T) attention each token received from all prompt queries,
             averaged over the query heads of its group (H2O), when captured.
+        shared: scratch common to all layers of one cache being built, visited in layer
+            order, for methods whose layers depend on earlier ones (e.g. ChunkKV's index reuse).
     """
 
     keys: torch.Tensor
@@ -34,6 +36,7 @@ class LayerView:
     n_layers: int
     segments: list[list[Segment]] = field(default_factory=list)
     accumulated: torch.Tensor | None = None
+    shared: dict = field(default_factory=dict)  # one dict per cache build, layers in order (cross-layer state)
     _window_cache: dict = field(default_factory=dict, repr=False)
 
     @property

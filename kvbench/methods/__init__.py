@@ -1,6 +1,14 @@
 """Compression methods, one per file; each registers itself by name (see `base.register`)."""
 
-from kvbench.methods import full, h2o, random, snapkv, streamingllm  # noqa: F401  (fills the registry)
+from kvbench.methods import (  # noqa: F401  (fills the registry)
+    full,
+    h2o,
+    random_tokens,
+    random_shot,
+    shotkv,
+    snapkv,
+    streamingllm,
+)
 from kvbench.methods.base import REGISTRY, Method, keep_count, list_methods, make_method, register
 
 __all__ = ["REGISTRY", "Method", "keep_count", "list_methods", "make_method", "register"]

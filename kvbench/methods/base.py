@@ -173,7 +173,7 @@ class Method:
 
     def select_decoding(self, attention, accumulated, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
         """Indices (B, Hk, n_keep), ascending, of the generated tokens kept."""
-        s = self.decoding_score(attention, accumulated, pos).float()
+        s = self.decoding_score(attention, accumulated, pos).float().clone()  # scores may be expanded views
         recent = min(self.decoding_recent(n_keep), n_keep)
         if recent:
             s[..., -recent:] = float("inf")

@@ -1,0 +1,166 @@
+"""The `kvbench` command. Problems the user can fix print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from kvbench.errors import KvbenchError
+
+
+def _value(text: str):
+    """A --set value: JSON when it parses (numbers, true/false, null, lists), else the string."""
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        return tuple(text.split(",")) if "," in text else text
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _settings(args) -> dict:
+    out = {}
+    for item in args.set or []:
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise KvbenchError(f"--set {item!r}: write key=value, e.g. --set window_size=16")
+        out[key.replace("-", "_")] = _value(val)
+    if args.ratio is not None:
+        out["ratio"] = args.ratio
+    if args.budget is not None:
+        out["budget"] = args.budget
+    return out
+
+
+def _prompt(args):
+    from kvbench.prompts import read_prompt_file
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise KvbenchError("give exactly one of --prompt TEXT or --prompt-file F")
+    return args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
+
+
+def _load(args):
+    from kvbench.models import load_model
+
+    return load_model(args.model, dtype=args.dtype)
+
+
+def cmd_methods(args) -> None:
+    from kvbench.methods import list_methods
+
+    methods = list_methods()
+    if args.json:
+        print(json.dumps(methods, indent=1, default=list))
+        return
+    for m in methods:
+        phases = "+".join(m["phases"]) or "none"
+        print(f"{m['name']:<14} [{phases}] {m['summary']}")
+        print("    " + ", ".join(f"{k}={v!r}" for k, v in m["settings"].items()))
+
+
+def cmd_generate(args) -> None:
+    from kvbench.generation import generate
+    from kvbench.methods import make_method
+
+    method = make_method(args.method, **_settings(args))
+    prompt = _prompt(args)
+    model, tok = _load(args)
+    res = generate(model, tok, prompt, method, max_new_tokens=args.max_new_tokens, chat=args.chat)
+    row = res.row(0)
+    if args.json:
+        print(json.dumps(row, default=list))
+        return
+    kept = row["kept_tokens_per_layer"]
+    print(row["text"])
+    print(f"\n[{method.name}] prompt {row['prompt_tokens']} tokens, kept per layer {min(kept)}-{max(kept)}; "
+          f"cache {row['cache_bytes'] / 2**20:.2f} MiB of {row['full_cache_bytes'] / 2**20:.2f} MiB "
+          f"({row['cache_bytes'] / max(1, row['full_cache_bytes']):.0%})", file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    """One prompt, several methods, one prefill: each method's cache is built from the same capture."""
+    import torch
+
+    from kvbench.generation import encode, eos_ids, greedy
+    from kvbench.methods import make_method
+    from kvbench.prefill import prefill
+
+    settings = _settings(args)
+    methods = [make_method(n, **({} if n == "full" else settings)) for n in args.methods.split(",")]
+    prompt = _prompt(args)
+    model, tok = _load(args)
+    enc = encode(tok, [prompt], chat=args.chat, max_length=getattr(model.config, "max_position_embeddings", None))
+    window = max([64] + [m.observation_window for m in methods])
+    t0 = time.perf_counter()
+    captured = prefill(model, enc.input_ids, enc.attention_mask, enc.segments, window=window,
+                       accumulated=any(m.needs_accumulated for m in methods))
+    t_prefill = time.perf_counter() - t0
+    eos = eos_ids(model, tok)
+    print(f"prompt: {enc.lengths[0]} tokens, {len(enc.segments[0])} segments; one prefill: {t_prefill:.1f}s")
+    rows = []
+    for m in methods:
+        t0 = time.perf_counter()
+        cache = captured.compress(m)
+        t_build = time.perf_counter() - t0
+        new = greedy(model, cache, captured.logits, enc.attention_mask, args.max_new_tokens, eos)[0].tolist()
+        cut = next((i for i, t in enumerate(new) if t in eos), len(new))
+        text = tok.decode(new[:cut], skip_special_tokens=True).strip()
+        kept = [k[0] for k in cache.kept_after_prefill()]
+        rows.append({"method": m.name, "kept_min": min(kept), "kept_max": max(kept),
+                     "cache_fraction": cache.nbytes() / max(1, cache.full_nbytes()),
+                     "build_ms": t_build * 1e3, "answer": text})
+        first = text.split("\n\n")[0].replace("\n", " ")
+        print(f"\n== {m.name}: kept {min(kept)}-{max(kept)} of {enc.lengths[0]} prompt tokens per layer, "
+              f"cache {rows[-1]['cache_fraction']:.0%} of full, built in {t_build * 1e3:.0f} ms\n{first}")
+        del cache
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if args.json:
+        print(json.dumps(rows))
+
+
+def _add_common(p: argparse.ArgumentParser, several: bool = False) -> None:
+    from kvbench.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local dir, .gguf file or hub id")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--ratio", type=float, help="fraction of the cache KEPT, in (0, 1] (kvpress: 1 - this)")
+    p.add_argument("--budget", type=int, help="tokens kept (replaces --ratio)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method setting; repeatable")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", help="a .json file of parts ({'parts': [{'kind', 'text'}]}) or plain text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="render with the model's chat template")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvbench", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("methods", help="list methods, their settings and defaults")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("generate", help="generate under one method and report the cache")
+    p.add_argument("--method", required=True)
+    _add_common(p)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("demo", help="one prompt under several methods, from one shared prefill")
+    p.add_argument("--methods", default="full,snapkv,streamingllm,shotkv")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo, ratio=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KvbenchError as e:
+        print(f"kvbench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
