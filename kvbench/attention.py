@@ -95,6 +95,7 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     layer: CompressedLayer | None = None
     if cur is not None and cur[1] == module.layer_idx and cur[0].layers[cur[1]].keys is key:
         cache, layer = cur[0], cur[0].layers[cur[1]]
+        CURRENT.set(None)  # consumed: the cache checks every update was seen by this function
     mask2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
     if attention_mask is not None and attention_mask.ndim == 4:
         if layer is not None and layer.stored_length() != layer.seen:

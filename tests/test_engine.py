@@ -213,3 +213,15 @@ def test_unknown_method_and_prefill_only_decoding():
 
 def test_the_six_architectures_are_covered():
     assert set(ARCHS) == {"llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3"}
+
+
+def test_a_model_without_kvbench_attention_cannot_silently_skip_compression():
+    model = tiny("llama", "sdpa")
+    with pytest.raises(KvbenchError, match="kvbench attention"):
+        run_prefill(model, prompt_ids(30), method("snapkv", ratio=0.3))
+
+
+def test_sliding_layers_report_what_they_hold():
+    cache, _ = run_prefill(tiny("gemma3"), prompt_ids(60), method("snapkv", ratio=0.3))
+    kept = cache.kept_after_prefill()[0]
+    assert kept == [23, 18, 18]  # sliding window 24 holds 23 tokens; full layers keep 0.3 * 60
