@@ -10,6 +10,9 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -c scripts/constraints.txt -e ".[test]"
+# kvpress, to compare kept tokens with (tests only; it declares transformers<5.3 and datasets,
+# neither needed by the presses compared).
+"${PIP[@]}" --no-deps kvpress==0.5.5 cachetools==5.5.2 fire==0.6.0 termcolor==3.3.0 six==1.17.0
 # Embedded default (SmolLM2-135M-Instruct) and reference (Qwen2.5-Coder-0.5B-Instruct) models.
 PYTHON=.venv/bin/python bash scripts/install_models.sh
 .venv/bin/python -c "import kvbench, torch, transformers; print(f'kvbench ready: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -43,7 +43,8 @@ def keep_count(n: int, ratio: float, budget: int | None) -> int:
     """
     if budget is not None:
         return min(n, budget)
-    return min(n, max(1, math.floor(ratio * n + 0.5)))
+    # round() first: 0.7 * 45 is 31.499999999999996 in binary, and must round up like 31.5
+    return min(n, max(1, math.floor(round(ratio * n, 9) + 0.5)))
 
 
 def _check_fraction(name: str, value: float | None) -> None:

@@ -59,5 +59,7 @@ class SnapKV(Method):
         w = min(self.window_size, view.queries.shape[2])
         votes = view.window_attention(w).sum(2)  # (B, Hk, T)
         T = votes.shape[-1]
+        if T == w:  # the whole prompt is the window: the newest tokens are kept (base.recent)
+            return votes
         prefix = pool(votes[..., : T - w], self.kernel_size, self.pooling)  # the window is kept anyway
         return torch.cat([prefix, votes[..., T - w:]], dim=-1)
