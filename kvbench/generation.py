@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -119,11 +119,12 @@ def generate(model, tokenizer, prompts: str | Sequence, method: str | Method = "
 
 @torch.inference_mode()
 def greedy(model, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-           eos: set[int] | None = None) -> torch.Tensor:
+           eos: set[int] | None = None, stop: Callable[[list[int]], bool] | None = None) -> torch.Tensor:
     """Greedy decoding from a prefilled (possibly compressed) cache: the prefill-once path.
 
     `logits` (B, V) are the prompt's last-token logits; positions continue from each row's
-    real length, whatever the cache holds. Returns the new tokens (B, n).
+    real length, whatever the cache holds. A row is done at an `eos` token or when
+    `stop(its new tokens)` says so (e.g. a stop string appeared). Returns the new tokens (B, n).
     """
     eos_t = torch.tensor(sorted(eos or []), device=logits.device)
     pos = attention_mask.sum(-1, keepdim=True)  # next position of each row
@@ -134,6 +135,9 @@ def greedy(model, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Te
         tok = logits.argmax(-1)
         out.append(tok)
         done |= torch.isin(tok, eos_t)
+        if stop is not None:
+            rows = torch.stack(out, dim=1).tolist()
+            done |= torch.tensor([stop(r) for r in rows], device=done.device)
         if bool(done.all()) or len(out) == max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)

@@ -1,0 +1,221 @@
+"""Evaluate a task under methods: accuracy, plus fidelity to the full cache, per sample.
+
+Per sample, one prefill is captured and every (method, ratio) cache is built from it,
+the full cache included ("prefill once, compress many"). Then, against each cache:
+
+- multiple choice by option log-likelihood (default): each option's continuation is
+  teacher-forced through a fresh copy of the compressed cache and the best sum wins;
+  or by the generated letter (`mc="letter"`);
+- generation: greedy decoding with the task's stop strings, then its named filters;
+- fidelity (how far the compressed model drifts from the full-cache one on the same
+  sample): `agree` (same extracted answer as the full cache), `delta_nll` (increase of
+  the gold target's teacher-forced NLL, per token) and `kl` (mean KL(full || compressed)
+  of the next-token distributions along the gold target). All three are 0 at ratio 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.cache import KVCache
+from kvbench.generation import encode, eos_ids, greedy
+from kvbench.methods import Method, make_method
+from kvbench.prefill import Prefill, prefill
+from kvbench.prompts import build_prompt
+from kvbench.tasks.base import Sample, Task
+
+FULL = make_method("full")
+
+
+def label(method: Method) -> str:
+    """A short name for a configuration: "snapkv@0.3", "h2o@budget=128", "full"."""
+    if method.name == "full":
+        return "full"
+    return f"{method.name}@budget={method.budget}" if method.budget is not None else f"{method.name}@{method.ratio:g}"
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, cache: KVCache, first_logits: torch.Tensor, attention_mask: torch.Tensor,
+                          ids: list[int]) -> torch.Tensor:
+    """Log-distributions (L, V) predicting each of `ids` after the prompt, teacher-forced through `cache`.
+
+    The first comes from the prompt's own last logits; the rest from one forward over
+    ids[:-1] appended to the cache (which it therefore extends: pass a fresh cache).
+    """
+    out = [first_logits[0].float().log_softmax(-1)]
+    if len(ids) > 1:
+        n = int(attention_mask.sum())
+        x = torch.tensor([ids[:-1]], device=first_logits.device)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(1, len(ids) - 1)], dim=-1)
+        pos = torch.arange(n, n + len(ids) - 1, device=x.device)[None]
+        logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[0]
+        out.append(logits.float().log_softmax(-1))
+    return torch.cat([o.view(-1, o.shape[-1]) for o in out])
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Row:
+    """One (sample, configuration) result."""
+
+    task: str
+    sample: str
+    config: str
+    method: str
+    ratio: float | None
+    budget: int | None
+    score: float
+    extracted: dict
+    output: str
+    agree: float
+    delta_nll: float
+    kl: float
+    kept_tokens: float  # mean over layers of real prompt tokens kept
+    prompt_tokens: int
+    cache_bytes: int
+    full_cache_bytes: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+class SampleRun:
+    """Everything computed once per sample and shared by its configurations."""
+
+    def __init__(self, model, tokenizer, task: Task, sample: Sample, methods: list[Method], chat: bool):
+        self.model, self.tok, self.task, self.sample = model, tokenizer, task, sample
+        built = build_prompt(list(sample.parts), tokenizer, chat=chat)
+        self.enc = encode(tokenizer, [built], max_length=getattr(model.config, "max_position_embeddings", None))
+        window = max([1] + [m.observation_window for m in methods])
+        self.captured: Prefill = prefill(model, self.enc.input_ids.to(model.device),
+                                         self.enc.attention_mask.to(model.device), self.enc.segments,
+                                         window=window, accumulated=any(m.needs_accumulated for m in methods))
+        self.mask = self.enc.attention_mask.to(model.device)
+        self.target_ids = _token_ids(tokenizer, sample.target)
+        self.eos = eos_ids(model, tokenizer)
+
+    def cache(self, method: Method) -> tuple[KVCache, torch.Tensor]:
+        """A fresh cache for `method` and the prompt's last logits."""
+        if method.shares_prefill:
+            return self.captured.compress(method), self.captured.logits
+        cache = KVCache(self.model.config, method, self.enc.segments)
+        out = self.model(input_ids=self.enc.input_ids.to(self.model.device), attention_mask=self.mask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1].float()
+
+    def target_logprobs(self, method: Method) -> torch.Tensor:
+        cache, logits = self.cache(method)
+        return continuation_logprobs(self.model, cache, logits, self.mask, self.target_ids)
+
+    def choose(self, method: Method) -> tuple[int, list[float]]:
+        """Multiple choice by log-likelihood: the option whose continuation is most likely."""
+        scores = []
+        for choice in self.sample.choices:
+            ids = _token_ids(self.tok, choice)
+            cache, logits = self.cache(method)
+            lp = continuation_logprobs(self.model, cache, logits, self.mask, ids)
+            scores.append(float(lp.gather(1, torch.tensor(ids, device=lp.device)[:, None]).sum()))
+        return max(range(len(scores)), key=scores.__getitem__), scores
+
+    def generate(self, method: Method, max_new_tokens: int, stops: tuple[str, ...]) -> tuple[str, KVCache]:
+        cache, logits = self.cache(method)
+
+        def stop(ids: list[int]) -> bool:
+            return bool(stops) and any(s in self.tok.decode(ids, skip_special_tokens=True) for s in stops)
+
+        new = greedy(self.model, cache, logits, self.mask, max_new_tokens, self.eos, stop)[0].tolist()
+        cut = next((i for i, t in enumerate(new) if t in self.eos), len(new))
+        text = self.tok.decode(new[:cut], skip_special_tokens=True)
+        for s in stops:
+            text = text.split(s)[0]
+        return text, cache
+
+
+def _kl_and_nll(full: torch.Tensor, comp: torch.Tensor, ids: list[int]) -> tuple[float, float]:
+    idx = torch.tensor(ids, device=full.device)[:, None]
+    nll_full = -full.gather(1, idx).mean()
+    nll_comp = -comp.gather(1, idx).mean()
+    kl = (full.exp() * (full - comp)).sum(-1).mean()
+    return float(nll_comp - nll_full), max(0.0, float(kl))
+
+
+def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int | None = None,
+             chat: bool = False, mc: str = "loglik", progress: bool = True,
+             on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    """Rows for every (sample, configuration), the full cache first (fidelity is measured against it)."""
+    from tqdm.auto import tqdm
+
+    configs = [FULL] + [m for m in methods if m.name != "full"]
+    samples = task.samples(limit)
+    cfg = task.config
+    rows: list[Row] = []
+    bar = tqdm(total=len(samples) * len(configs), desc=f"{task.name}", unit="run", disable=not progress)
+    for sample in samples:
+        run = SampleRun(model, tokenizer, task, sample, configs, chat)
+        full_lp = run.target_logprobs(FULL) if run.target_ids else None
+        full_answer = None
+        for m in configs:
+            t0 = time.perf_counter()
+            extra: dict = {}
+            if cfg.output == "multiple_choice" and mc == "loglik":
+                pred, scores = run.choose(m)
+                extracted = {"loglik": sample.letters[pred] if sample.letters else str(pred)}
+                output, score = sample.choices[pred], float(pred == sample.letters.index(sample.answer)
+                                                            if sample.letters else str(pred) == sample.answer)
+                extra["option_loglik"] = scores
+                cache, _ = run.cache(m)
+            else:
+                max_new = 8 if cfg.output == "multiple_choice" else cfg.max_new_tokens
+                output, cache = run.generate(m, max_new, cfg.stop)
+                extracted = {name: f(output) for name, f in task.filters().items()}
+                headline = next(iter(extracted.values())) if extracted else output
+                score = task.score(sample, headline, output)
+            answer = next(iter(extracted.values())) if extracted else output
+            if m is FULL:
+                full_answer = answer
+            delta_nll, kl = 0.0, 0.0
+            if full_lp is not None and m is not FULL:
+                delta_nll, kl = _kl_and_nll(full_lp, run.target_logprobs(m), run.target_ids)
+            kept = cache.kept_after_prefill()[0]
+            row = Row(task.name, sample.id, label(m), m.name, None if m.budget is not None else m.ratio, m.budget,
+                      score, extracted, output, float(answer == full_answer), delta_nll, kl,
+                      sum(kept) / len(kept), run.enc.lengths[0], cache.nbytes(), cache.full_nbytes(),
+                      time.perf_counter() - t0, extra)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def summarize(rows: list[Row]) -> list[dict]:
+    """Per configuration: mean score with its standard error, ΔP against full, and mean fidelity."""
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        by.setdefault(r.config, []).append(r)
+    full = by.get("full")
+    base = sum(r.score for r in full) / len(full) if full else None
+    out = []
+    for name, rs in by.items():
+        n = len(rs)
+        acc = sum(r.score for r in rs) / n
+        se = math.sqrt(acc * (1 - acc) / n) if n > 1 else float("nan")
+        out.append({
+            "config": name, "n": n, "score": acc, "se": se,
+            "delta_p": (acc - base) / base if base else None,
+            "agree": sum(r.agree for r in rs) / n,
+            "delta_nll": sum(r.delta_nll for r in rs) / n,
+            "kl": sum(r.kl for r in rs) / n,
+            "kept_fraction": sum(r.kept_tokens / r.prompt_tokens for r in rs) / n,
+            "cache_fraction": sum(r.cache_bytes / max(1, r.full_cache_bytes) for r in rs) / n,
+        })
+    return out

@@ -1,0 +1,99 @@
+"""Evaluation under compression: option log-likelihood, generation, fidelity metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvbench
+from kvbench.attention import register
+from kvbench.evaluate import FULL, SampleRun, evaluate, summarize
+from kvbench.methods import make_method
+from kvbench.prompts import Part
+from kvbench.tasks.base import Sample, Task, TaskConfig
+
+SHOTS = [f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in [(2, 3), (4, 4), (7, 1), (5, 6)]]
+
+
+class ToyMC(Task):
+    name = "toy-mc"
+    config = TaskConfig(ability="arithmetic", shots=4, metric="accuracy", output="multiple_choice", source="test")
+
+    def load(self):
+        return [Sample(id=f"toy/{i}", parts=(Part("instruction", "Add the numbers.\n\n"),
+                                             *(Part("shot", s) for s in SHOTS),
+                                             Part("question", f"Question: What is {i} plus 2?\nAnswer:")),
+                       target=f" {i + 2}", answer="B", choices=(f" {i + 1}", f" {i + 2}", f" {i + 3}"),
+                       letters=("A", "B", "C")) for i in range(3)]
+
+    def filters(self):
+        return {"letter": lambda text: text.strip()[:1] or None}
+
+
+class ToyGen(ToyMC):
+    name = "toy-gen"
+    config = TaskConfig(ability="arithmetic", shots=4, metric="exact_match", output="generate", source="test",
+                        max_new_tokens=6, stop=("\n",))
+
+    def filters(self):
+        return {"first-word": lambda text: (text.split() or [None])[0]}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    _, tok = kvbench.load_model()  # the real tokenizer (cached), with a tiny random model of its vocabulary
+    register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("kvbench")
+    model.generation_config.eos_token_id = None
+    return model, tok
+
+
+def test_option_loglik_under_the_full_cache_equals_a_direct_forward_pass(setup):
+    model, tok = setup
+    task = ToyMC()
+    sample = task.samples(1)[0]
+    run = SampleRun(model, tok, task, sample, [FULL], chat=False)
+    _, scores = run.choose(FULL)
+    prompt = run.enc.input_ids[0].tolist()
+    for choice, got in zip(sample.choices, scores):
+        ids = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0].float().log_softmax(-1)
+        want = sum(float(logits[len(prompt) - 1 + i, t]) for i, t in enumerate(ids))
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("task_cls", [ToyMC, ToyGen])
+def test_fidelity_is_zero_at_ratio_one(setup, task_cls):
+    model, tok = setup
+    methods = [make_method(n, ratio=1.0) for n in ("snapkv", "h2o", "shotkv", "streamingllm")]
+    rows = evaluate(model, tok, task_cls(), methods, limit=2, progress=False)
+    assert len(rows) == 2 * 5
+    for r in rows:
+        assert r.delta_nll == 0.0 and r.kl == 0.0 and r.agree == 1.0
+        assert r.kept_tokens == r.prompt_tokens
+
+
+def test_fidelity_grows_when_the_cache_is_cut_hard(setup):
+    model, tok = setup
+    rows = evaluate(model, tok, ToyGen(), [make_method("streamingllm", ratio=0.1, n_sink=1)], limit=3,
+                    progress=False)
+    cut = [r for r in rows if r.config != "full"]
+    assert all(r.kl > 1e-4 for r in cut)
+    assert sum(abs(r.delta_nll) for r in cut) > 1e-3
+    summary = {s["config"]: s for s in summarize(rows)}
+    assert summary["full"]["kl"] == 0.0 and summary["streamingllm@0.1"]["kl"] > 0
+    assert summary["streamingllm@0.1"]["kept_fraction"] < 0.15
+
+
+def test_multiple_choice_by_generated_letter(setup):
+    model, tok = setup
+    rows = evaluate(model, tok, ToyMC(), [make_method("snapkv", ratio=0.5, window_size=8)], limit=1,
+                    mc="letter", progress=False)
+    assert {r.config for r in rows} == {"full", "snapkv@0.5"}
+    assert all("letter" in r.extracted for r in rows)
