@@ -120,6 +120,63 @@ def cmd_demo(args) -> None:
         print(json.dumps(rows))
 
 
+def cmd_tasks(args) -> None:
+    from kvbench.tasks import list_tasks
+
+    tasks = list_tasks()
+    if args.json:
+        print(json.dumps(tasks, indent=1))
+        return
+    for t in tasks:
+        print(f"{t['name']:<12} {t['ability']:<28} {t['shots']:>2}-shot  {t['metric']:<12} {t['source']}")
+
+
+def _methods(args) -> list:
+    from kvbench.methods import make_method
+
+    names = args.methods.split(",") if args.methods else [args.method]
+    ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else [args.ratio]
+    settings = _settings(args)
+    out = []
+    for name in names:
+        if name == "full":
+            continue
+        for r in ratios if args.budget is None else [None]:
+            out.append(make_method(name, **{**settings, **({"ratio": r} if r is not None else {})}))
+    return out
+
+
+def cmd_eval(args) -> None:
+    from dataclasses import asdict
+
+    from kvbench.evaluate import evaluate, summarize
+    from kvbench.tasks import make_task
+
+    if not args.methods and not args.method:
+        raise KvbenchError("give --method NAME (or --methods a,b) and --ratio R (or --ratios r1,r2)")
+    methods = _methods(args)
+    task = make_task(args.task, **({"shots": args.shots} if args.shots is not None else {}),
+                     **({"path": args.data} if args.data else {}))
+    model, tok = _load(args)
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed below)
+    try:
+        rows = evaluate(model, tok, task, methods, limit=args.limit, chat=args.chat, mc=args.mc,
+                        on_row=(lambda r: (out.write(json.dumps(asdict(r)) + "\n"), out.flush())) if out else None)
+    finally:
+        if out:
+            out.close()
+    summary = summarize(rows)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"\n{task.name} ({task.config.metric}), {len(rows) // max(1, len(summary))} samples, model {args.model}")
+    print(f"{'config':<22}{'score':>14}{'ΔP':>9}{'agree':>8}{'ΔNLL':>9}{'KL':>9}{'kept':>7}{'cache':>7}")
+    for s in summary:
+        dp = "" if s["delta_p"] is None or s["config"] == "full" else f"{s['delta_p']:+.1%}"
+        print(f"{s['config']:<22}{s['score']:>8.3f} ±{s['se']:.3f}{dp:>9}{s['agree']:>8.2f}{s['delta_nll']:>9.3f}"
+              f"{s['kl']:>9.4f}{s['kept_fraction']:>7.0%}{s['cache_fraction']:>7.0%}")
+
+
 def _add_common(p: argparse.ArgumentParser, several: bool = False) -> None:
     from kvbench.models import DEFAULT_MODEL
 
@@ -145,6 +202,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True)
     _add_common(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("tasks", help="list ability tasks: ability, shots, metric, data source")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tasks)
+    p = sub.add_parser("eval", help="evaluate a task under methods; accuracy and fidelity to the full cache")
+    p.add_argument("--task", required=True)
+    p.add_argument("--method")
+    p.add_argument("--methods", help="comma-separated; every one at every --ratios value")
+    p.add_argument("--ratios", help="comma-separated ratios")
+    p.add_argument("--limit", type=int, default=10, help="samples (the first N, fixed order)")
+    p.add_argument("--shots", type=int)
+    p.add_argument("--data", help="a JSONL/CSV file instead of the offline package")
+    p.add_argument("--mc", choices=["loglik", "letter"], default="loglik", help="multiple-choice scoring")
+    p.add_argument("--out", help="append per-sample rows (JSONL) here")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="one prompt under several methods, from one shared prefill")
     p.add_argument("--methods", default="full,snapkv,streamingllm,shotkv")
     _add_common(p)

@@ -6,6 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# bubblewrap: the sandbox for generated code (HumanEval). Without it kvbench falls back to
+# weaker isolation, with a warning.
+if ! command -v bwrap >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null
+  else
+    echo "setup: bubblewrap missing and not root: run 'sudo apt-get install bubblewrap' for the strongest sandbox" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0

@@ -42,9 +42,15 @@ def test_every_method_runs_on_the_default_model(default_model, name):
     row = res.row(0)
     kept = row["kept_tokens_per_layer"]
     assert row["text"].strip() and len(kept) == model.config.num_hidden_layers
-    n = row["prompt_tokens"]
-    # Eviction methods keep ~30% (whole units may round below); the full cache would be n.
-    assert all(0.2 * n <= k <= keep_count(n, 0.3, None) for k in kept), kept
+    k = keep_count(row["prompt_tokens"], 0.3, None)
+    if name in ("pyramidkv", "pyramidinfer"):  # per-layer budgets shrink with depth, same total
+        assert sum(kept) == len(kept) * k and kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+    elif name == "chunkkv":  # whole chunks: within one chunk below the budget
+        assert all(k - 10 < x <= k for x in kept), kept
+    elif name in ("shotkv", "random-shot"):  # whole shots (~40-60 tokens here): within one shot below
+        assert all(k - 80 < x <= k for x in kept), kept
+    else:
+        assert kept == [k] * len(kept)
     assert row["cache_bytes"] < 0.45 * row["full_cache_bytes"]
 
 

@@ -1,10 +1,13 @@
 """Compression methods, one per file; each registers itself by name (see `base.register`)."""
 
 from kvbench.methods import (  # noqa: F401  (fills the registry)
+    chunkkv,
     full,
     h2o,
-    random_tokens,
+    pyramidinfer,
+    pyramidkv,
     random_shot,
+    random_tokens,
     shotkv,
     snapkv,
     streamingllm,
