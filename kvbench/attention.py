@@ -52,6 +52,8 @@ def build_mask(valid: torch.Tensor | None, pos: torch.Tensor | None, q: int, T: 
     windowed = sliding_window is not None and T > sliding_window
     if q == 1 and not windowed:
         return None if valid is None else valid[:, :, None, :]
+    if valid is None and not windowed and q == T:
+        return None  # a plain causal prefill: SDPA's is_causal kernel is much faster than a mask
     dev = device
     slot = torch.arange(T, device=dev)
     own = T - q + torch.arange(q, device=dev)
@@ -74,12 +76,13 @@ def eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     B, Hq, q, D = query.shape
     Hk, T = key.shape[1], key.shape[2]
     g = Hq // Hk
-    logits = query.view(B, Hk, g, q, D) @ key[:, :, None].transpose(-1, -2) * scale  # (B, Hk, g, q, T)
+    # (B, Hk, g*q, D) @ (B, Hk, D, T): one matmul per KV head, no copy of the keys per query head
+    logits = ((query * scale).reshape(B, Hk, g * q, D) @ key.transpose(-1, -2)).view(B, Hk, g, q, T)
     if mask is not None:
         mask = mask.view(B, Hk, g, q, T) if mask.shape[1] == Hq else mask[:, :, None]
         logits = logits.masked_fill(~mask, float("-inf"))
     weights = logits.float().softmax(-1)
-    out = (weights.to(value.dtype) @ value[:, :, None]).view(B, Hq, q, -1)
+    out = (weights.to(value.dtype).view(B, Hk, g * q, T) @ value).view(B, Hq, q, -1)
     return out, weights.mean(2)
 
 

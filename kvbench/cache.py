@@ -114,6 +114,9 @@ class CompressedLayer(DynamicLayer):
         tensors are narrowed, so evicting k generated tokens costs O(k), not O(cache).
         """
         K = idx.shape[-1]
+        if start > 0 and valid.dtype == torch.bool and valid.numel() and valid.all():
+            self._gather_tail(idx, start)  # decoding: every generated slot is real
+            return
         gidx = idx + start
         kv_idx = gidx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         keys, values = self.keys.gather(2, kv_idx), self.values.gather(2, kv_idx)
@@ -139,6 +142,20 @@ class CompressedLayer(DynamicLayer):
         self.valid = torch.cat([old_valid, valid], dim=-1)
         if acc is not None:
             self.accumulated[:, :, start:end] = acc
+            self.accumulated = self.accumulated[:, :, :end]
+
+    def _gather_tail(self, idx: torch.Tensor, start: int) -> None:
+        """Keep slots `start + idx` of the tail, in place; the head and its validity are untouched."""
+        end = start + idx.shape[-1]
+        gidx = idx + start
+        kv_idx = gidx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys[:, :, start:end] = self.keys.gather(2, kv_idx)
+        self.values[:, :, start:end] = self.values.gather(2, kv_idx)
+        self.pos[:, :, start:end] = self.pos.gather(2, gidx)
+        self.keys, self.values, self.pos = self.keys[:, :, :end], self.values[:, :, :end], self.pos[:, :, :end]
+        self.valid = self.valid[..., :end]
+        if self.accumulated is not None:
+            self.accumulated[:, :, start:end] = self.accumulated.gather(2, gidx)
             self.accumulated = self.accumulated[:, :, :end]
 
     def keep(self, mask: torch.Tensor) -> None:

@@ -67,7 +67,7 @@ def cmd_generate(args) -> None:
     method = make_method(args.method, **_settings(args))
     prompt = _prompt(args)
     model, tok = _load(args)
-    res = generate(model, tok, prompt, method, max_new_tokens=args.max_new_tokens, chat=args.chat)
+    res = generate(model, tok, prompt, method, max_new_tokens=args.max_new_tokens or 64, chat=args.chat)
     row = res.row(0)
     if args.json:
         print(json.dumps(row, default=list))
@@ -104,7 +104,7 @@ def cmd_demo(args) -> None:
         t0 = time.perf_counter()
         cache = captured.compress(m)
         t_build = time.perf_counter() - t0
-        new = greedy(model, cache, captured.logits, enc.attention_mask, args.max_new_tokens, eos)[0].tolist()
+        new = greedy(model, cache, captured.logits, enc.attention_mask, args.max_new_tokens or 64, eos)[0].tolist()
         cut = next((i for i, t in enumerate(new) if t in eos), len(new))
         text = tok.decode(new[:cut], skip_special_tokens=True).strip()
         kept = [k[0] for k in cache.kept_after_prefill()]
@@ -161,6 +161,7 @@ def cmd_eval(args) -> None:
     out = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed below)
     try:
         rows = evaluate(model, tok, task, methods, limit=args.limit, chat=args.chat, mc=args.mc,
+                        max_new_tokens=args.max_new_tokens,
                         on_row=(lambda r: (out.write(json.dumps(asdict(r)) + "\n"), out.flush())) if out else None)
     finally:
         if out:
@@ -187,7 +188,7 @@ def _add_common(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method setting; repeatable")
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt-file", help="a .json file of parts ({'parts': [{'kind', 'text'}]}) or plain text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: 64; eval: the task's)")
     p.add_argument("--chat", action="store_true", help="render with the model's chat template")
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -36,17 +36,18 @@ def accumulated_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.
     B, Hq, T, D = query.shape
     Hk = keys.shape[1]
     g = Hq // Hk
-    k = keys.float()[:, :, None].transpose(-1, -2)  # (B, Hk, 1, D, T)
+    kT = keys.float().transpose(-1, -2)  # (B, Hk, D, T)
     slot = torch.arange(T, device=query.device)
     acc = torch.zeros(B, Hk, T, device=query.device)
     for s in range(0, T, ACCUMULATE_CHUNK):
-        e = min(T, s + ACCUMULATE_CHUNK)
-        logits = query[:, :, s:e].float().view(B, Hk, g, e - s, D) @ k * scale  # (B, Hk, g, c, T)
-        own = slot[s:e, None] == slot[None, :]
-        visible = ((slot[None, :] <= slot[s:e, None])[None] & valid[:, None, :]) | own[None]
-        w = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)
-        w = w * valid[:, s:e][:, None, None, :, None]  # padding queries give nothing
-        acc += w.sum(3).mean(2)
+        e = min(T, s + ACCUMULATE_CHUNK)  # queries s..e-1 see only slots < e: score just those
+        c = e - s
+        logits = ((query[:, :, s:e].float() * scale).reshape(B, Hk, g * c, D) @ kT[..., :e]).view(B, Hk, g, c, e)
+        own = slot[s:e, None] == slot[None, :e]
+        visible = ((slot[None, :e] <= slot[s:e, None])[None] & valid[:, None, :e]) | own[None]
+        w = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1)  # (B, Hk, g, c, e)
+        q_valid = valid[:, None, None, None, s:e].to(w.dtype)  # padding queries give nothing
+        acc[..., :e] += (q_valid @ w).squeeze(-2).mean(2)
     return acc
 
 

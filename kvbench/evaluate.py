@@ -27,6 +27,7 @@ from kvbench.generation import encode, eos_ids, greedy
 from kvbench.methods import Method, make_method
 from kvbench.prefill import Prefill, prefill
 from kvbench.prompts import build_prompt
+from kvbench.segments import Segment
 from kvbench.tasks.base import Sample, Task
 
 FULL = make_method("full")
@@ -40,23 +41,20 @@ def label(method: Method) -> str:
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, cache: KVCache, first_logits: torch.Tensor, attention_mask: torch.Tensor,
+def continuation_logprobs(model, cache: KVCache, attention_mask: torch.Tensor, last: int,
                           ids: list[int]) -> torch.Tensor:
-    """Log-distributions (L, V) predicting each of `ids` after the prompt, teacher-forced through `cache`.
+    """Log-distributions (L, V) predicting each of `ids`, teacher-forced through `cache`.
 
-    The first comes from the prompt's own last logits; the rest from one forward over
-    ids[:-1] appended to the cache (which it therefore extends: pass a fresh cache).
+    The cache holds the prompt but its `last` token (attention_mask covers the whole
+    prompt); feeding `last` and ids[:-1] makes every prediction, the first included,
+    attend to the compressed cache only. It extends the cache: pass a fresh one.
     """
-    out = [first_logits[0].float().log_softmax(-1)]
-    if len(ids) > 1:
-        n = int(attention_mask.sum())
-        x = torch.tensor([ids[:-1]], device=first_logits.device)
-        mask = torch.cat([attention_mask, attention_mask.new_ones(1, len(ids) - 1)], dim=-1)
-        pos = torch.arange(n, n + len(ids) - 1, device=x.device)[None]
-        logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits[0]
-        out.append(logits.float().log_softmax(-1))
-    return torch.cat([o.view(-1, o.shape[-1]) for o in out])
+    n = int(attention_mask.sum())
+    x = torch.tensor([[last, *ids[:-1]]], device=attention_mask.device)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(1, len(ids) - 1)], dim=-1)
+    pos = torch.arange(n - 1, n - 1 + len(ids), device=x.device)[None]
+    logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    return logits[0].float().log_softmax(-1)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -79,7 +77,7 @@ class Row:
     agree: float
     delta_nll: float
     kl: float
-    kept_tokens: float  # mean over layers of real prompt tokens kept
+    kept_tokens: float  # mean over layers of prompt tokens kept (of prompt_tokens - 1: the last enters after)
     prompt_tokens: int
     cache_bytes: int
     full_cache_bytes: int
@@ -88,45 +86,58 @@ class Row:
 
 
 class SampleRun:
-    """Everything computed once per sample and shared by its configurations."""
+    """Everything computed once per sample and shared by its configurations.
+
+    The prompt is prefilled *but its last token*, and caches are built from that prefill;
+    the last token then goes through each compressed cache. So the first answer token is
+    predicted from the compressed cache, like every later one: compressing after a full
+    prefill would let a one-token answer (a multiple-choice letter) escape compression.
+    """
 
     def __init__(self, model, tokenizer, task: Task, sample: Sample, methods: list[Method], chat: bool):
         self.model, self.tok, self.task, self.sample = model, tokenizer, task, sample
         built = build_prompt(list(sample.parts), tokenizer, chat=chat)
         self.enc = encode(tokenizer, [built], max_length=getattr(model.config, "max_position_embeddings", None))
-        window = max([1] + [m.observation_window for m in methods])
-        self.captured: Prefill = prefill(model, self.enc.input_ids.to(model.device),
-                                         self.enc.attention_mask.to(model.device), self.enc.segments,
-                                         window=window, accumulated=any(m.needs_accumulated for m in methods))
+        ids = self.enc.input_ids.to(model.device)
         self.mask = self.enc.attention_mask.to(model.device)
+        n = ids.shape[1]
+        self.head, self.last = ids[:, :-1], int(ids[0, -1])
+        self.segments = [[Segment(s.kind, s.start, min(s.end, n - 1)) for s in row if s.start < n - 1]
+                         for row in self.enc.segments]
+        window = max([1] + [m.observation_window for m in methods])
+        self.captured: Prefill = prefill(model, self.head, self.mask[:, :-1], self.segments, window=window,
+                                         accumulated=any(m.needs_accumulated for m in methods))
         self.target_ids = _token_ids(tokenizer, sample.target)
         self.eos = eos_ids(model, tokenizer)
 
-    def cache(self, method: Method) -> tuple[KVCache, torch.Tensor]:
-        """A fresh cache for `method` and the prompt's last logits."""
+    def cache(self, method: Method) -> KVCache:
+        """A fresh cache for `method`: the prompt but its last token, compressed."""
         if method.shares_prefill:
-            return self.captured.compress(method), self.captured.logits
-        cache = KVCache(self.model.config, method, self.enc.segments)
-        out = self.model(input_ids=self.enc.input_ids.to(self.model.device), attention_mask=self.mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[:, -1].float()
+            return self.captured.compress(method)
+        cache = KVCache(self.model.config, method, self.segments)
+        self.model(input_ids=self.head, attention_mask=self.mask[:, :-1], past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+        return cache
 
-    def target_logprobs(self, method: Method) -> torch.Tensor:
-        cache, logits = self.cache(method)
-        return continuation_logprobs(self.model, cache, logits, self.mask, self.target_ids)
+    def logprobs(self, method: Method, ids: list[int]) -> tuple[torch.Tensor, KVCache]:
+        cache = self.cache(method)
+        return continuation_logprobs(self.model, cache, self.mask, self.last, ids), cache
 
-    def choose(self, method: Method) -> tuple[int, list[float]]:
+    def choose(self, method: Method) -> tuple[int, list[float], KVCache]:
         """Multiple choice by log-likelihood: the option whose continuation is most likely."""
-        scores = []
+        scores, cache = [], None
         for choice in self.sample.choices:
             ids = _token_ids(self.tok, choice)
-            cache, logits = self.cache(method)
-            lp = continuation_logprobs(self.model, cache, logits, self.mask, ids)
+            lp, cache = self.logprobs(method, ids)
             scores.append(float(lp.gather(1, torch.tensor(ids, device=lp.device)[:, None]).sum()))
-        return max(range(len(scores)), key=scores.__getitem__), scores
+        return max(range(len(scores)), key=scores.__getitem__), scores, cache
 
     def generate(self, method: Method, max_new_tokens: int, stops: tuple[str, ...]) -> tuple[str, KVCache]:
-        cache, logits = self.cache(method)
+        cache = self.cache(method)
+        n = int(self.mask.sum())
+        logits = self.model(input_ids=torch.tensor([[self.last]], device=self.mask.device), attention_mask=self.mask,
+                            position_ids=torch.tensor([[n - 1]], device=self.mask.device), past_key_values=cache,
+                            use_cache=True).logits[:, -1].float()
 
         def stop(ids: list[int]) -> bool:
             return bool(stops) and any(s in self.tok.decode(ids, skip_special_tokens=True) for s in stops)
@@ -149,8 +160,11 @@ def _kl_and_nll(full: torch.Tensor, comp: torch.Tensor, ids: list[int]) -> tuple
 
 def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int | None = None,
              chat: bool = False, mc: str = "loglik", progress: bool = True,
-             on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """Rows for every (sample, configuration), the full cache first (fidelity is measured against it)."""
+             on_row: Callable[[Row], None] | None = None, max_new_tokens: int | None = None) -> list[Row]:
+    """Rows for every (sample, configuration), the full cache first (fidelity is measured against it).
+
+    `max_new_tokens` overrides the task's generation length (e.g. for a quick look).
+    """
     from tqdm.auto import tqdm
 
     configs = [FULL] + [m for m in methods if m.name != "full"]
@@ -160,20 +174,19 @@ def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int
     bar = tqdm(total=len(samples) * len(configs), desc=f"{task.name}", unit="run", disable=not progress)
     for sample in samples:
         run = SampleRun(model, tokenizer, task, sample, configs, chat)
-        full_lp = run.target_logprobs(FULL) if run.target_ids else None
+        full_lp = run.logprobs(FULL, run.target_ids)[0] if run.target_ids else None
         full_answer = None
         for m in configs:
             t0 = time.perf_counter()
             extra: dict = {}
             if cfg.output == "multiple_choice" and mc == "loglik":
-                pred, scores = run.choose(m)
+                pred, scores, cache = run.choose(m)
                 extracted = {"loglik": sample.letters[pred] if sample.letters else str(pred)}
                 output, score = sample.choices[pred], float(pred == sample.letters.index(sample.answer)
                                                             if sample.letters else str(pred) == sample.answer)
                 extra["option_loglik"] = scores
-                cache, _ = run.cache(m)
             else:
-                max_new = 8 if cfg.output == "multiple_choice" else cfg.max_new_tokens
+                max_new = 8 if cfg.output == "multiple_choice" else (max_new_tokens or cfg.max_new_tokens)
                 output, cache = run.generate(m, max_new, cfg.stop)
                 extracted = {name: f(output) for name, f in task.filters().items()}
                 headline = next(iter(extracted.values())) if extracted else output
@@ -183,7 +196,7 @@ def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int
                 full_answer = answer
             delta_nll, kl = 0.0, 0.0
             if full_lp is not None and m is not FULL:
-                delta_nll, kl = _kl_and_nll(full_lp, run.target_logprobs(m), run.target_ids)
+                delta_nll, kl = _kl_and_nll(full_lp, run.logprobs(m, run.target_ids)[0], run.target_ids)
             kept = cache.kept_after_prefill()[0]
             row = Row(task.name, sample.id, label(m), m.name, None if m.budget is not None else m.ratio, m.budget,
                       score, extracted, output, float(answer == full_answer), delta_nll, kl,
@@ -215,7 +228,7 @@ def summarize(rows: list[Row]) -> list[dict]:
             "agree": sum(r.agree for r in rs) / n,
             "delta_nll": sum(r.delta_nll for r in rs) / n,
             "kl": sum(r.kl for r in rs) / n,
-            "kept_fraction": sum(r.kept_tokens / r.prompt_tokens for r in rs) / n,
+            "kept_fraction": sum(r.kept_tokens / max(1, r.prompt_tokens - 1) for r in rs) / n,
             "cache_fraction": sum(r.cache_bytes / max(1, r.full_cache_bytes) for r in rs) / n,
         })
     return out

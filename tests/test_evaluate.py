@@ -53,12 +53,23 @@ def setup():
     return model, tok
 
 
+def test_a_one_token_answer_is_scored_against_the_compressed_cache(setup):
+    model, tok = setup
+    task = ToyMC()
+    sample = task.samples(1)[0]
+    run = SampleRun(model, tok, task, sample, [FULL], chat=False)
+    ids = tok(sample.target, add_special_tokens=False)["input_ids"][:1]
+    full, _ = run.logprobs(FULL, ids)
+    cut, _ = run.logprobs(make_method("streamingllm", ratio=0.1, n_sink=1), ids)
+    assert not torch.allclose(full, cut)  # even the first answer token sees only what was kept
+
+
 def test_option_loglik_under_the_full_cache_equals_a_direct_forward_pass(setup):
     model, tok = setup
     task = ToyMC()
     sample = task.samples(1)[0]
     run = SampleRun(model, tok, task, sample, [FULL], chat=False)
-    _, scores = run.choose(FULL)
+    _, scores, _ = run.choose(FULL)
     prompt = run.enc.input_ids[0].tolist()
     for choice, got in zip(sample.choices, scores):
         ids = tok(choice, add_special_tokens=False)["input_ids"]
@@ -76,7 +87,7 @@ def test_fidelity_is_zero_at_ratio_one(setup, task_cls):
     assert len(rows) == 2 * 5
     for r in rows:
         assert r.delta_nll == 0.0 and r.kl == 0.0 and r.agree == 1.0
-        assert r.kept_tokens == r.prompt_tokens
+        assert r.kept_tokens == r.prompt_tokens - 1  # the last prompt token enters after compression
 
 
 def test_fidelity_grows_when_the_cache_is_cut_hard(setup):
