@@ -217,6 +217,12 @@ def isolation() -> str:
     return _chosen
 
 
+def python() -> str:
+    """The base interpreter, not a virtualenv's: sandboxed code runs with -s -S and needs only the
+    standard library, and a venv may live where the sandbox hides (e.g. under /tmp, which bwrap replaces)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
 TOOLS = {"bwrap": "bwrap", "unshare": "unshare"}
 PROBE = "import math\nassert math.sqrt(4) == 2\n"
 WEAKER = {
@@ -282,7 +288,7 @@ def _run(program: str, timeout: float, memory_mb: int, mode: str) -> Result:
         with open(base / "program.py", "rb") as stdin, open(base / "stdout", "wb") as out, \
                 open(base / "stderr", "wb") as err, open(base / "result", "wb") as result:
             cfg["nonce_fd"], cfg["result_fd"] = nonce_r, result.fileno()
-            cmd = _wrapper(mode, root) + [sys.executable, "-s", "-S", "-c", DRIVER, json.dumps(cfg)]
+            cmd = _wrapper(mode, root) + [python(), "-s", "-S", "-c", DRIVER, json.dumps(cfg)]
             try:
                 proc = subprocess.Popen(cmd, stdin=stdin, stdout=out, stderr=err, env=env, cwd="/",
                                         pass_fds=(nonce_r, result.fileno()), start_new_session=True)
@@ -337,8 +343,7 @@ def _mount_plan() -> dict:
     the interpreter lives in), and the interpreter's own directories to bind back read-only."""
     global _plan
     if _plan is None:
-        needed = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable),
-                                                       os.path.dirname(os.path.realpath(sys.executable)))})
+        needed = sorted({os.path.realpath(p) for p in (sys.base_prefix, os.path.dirname(python()))})
         hide = [d for d in ("/root", "/home", "/run", os.environ.get("HOME")) if d and os.path.isdir(d) and d != "/"]
         hide = [os.path.realpath(d) for d in hide]
         hide += [b for b in map(_first_closed_ancestor, needed) if b]
@@ -373,10 +378,8 @@ def _first_closed_ancestor(path: str) -> str | None:
 
 
 def _others_can_run_python() -> bool:
-    dirs = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable),
-                                          os.path.dirname(os.path.realpath(sys.executable)))}
-    return not any(_first_closed_ancestor(d) for d in dirs) and bool(
-        os.stat(os.path.realpath(sys.executable)).st_mode & 0o001)
+    dirs = {os.path.realpath(p) for p in (sys.base_prefix, os.path.dirname(python()))}
+    return not any(_first_closed_ancestor(d) for d in dirs) and bool(os.stat(python()).st_mode & 0o001)
 
 
 _uid_ranges: list[tuple[int, int]] | None = None
