@@ -49,7 +49,8 @@ def build_mask(valid: torch.Tensor | None, pos: torch.Tensor | None, q: int, T: 
     the query's own slot, and (sliding layers) its position is within the window. A query
     always sees itself, so padding queries get a finite (unused) output instead of NaN.
     """
-    windowed = sliding_window is not None and T > sliding_window
+    # Windowed when anything stored may lie outside the window: with eviction, by position, not slot count.
+    windowed = sliding_window is not None and (T > sliding_window or (pos is not None and seen > sliding_window))
     if q == 1 and not windowed:
         return None if valid is None else valid[:, :, None, :]
     if valid is None and not windowed and q == T:

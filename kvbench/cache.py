@@ -33,6 +33,8 @@ CURRENT: ContextVar[tuple[KVCache, int] | None] = ContextVar("kvbench_current_la
 class CompressedLayer(DynamicLayer):
     """One layer's cache: keys/values plus slot positions and validity; evicts by gathering slots."""
 
+    is_croppable = False
+
     def __init__(self, sliding_window: int | None = None):
         super().__init__()
         self.sliding_window = sliding_window
@@ -172,9 +174,9 @@ class CompressedLayer(DynamicLayer):
 
     def trim_to_window(self) -> None:
         """Sliding-window layers hold only the last `sliding_window - 1` slots, as transformers' do."""
-        keep = self.sliding_window - 1
-        if self.sliding_window is None or self.stored_length() <= keep:
+        if self.sliding_window is None or self.stored_length() <= self.sliding_window - 1:
             return
+        keep = self.sliding_window - 1
         self.keys, self.values = self.keys[:, :, -keep:], self.values[:, :, -keep:]
         self.pos, self.valid = self.pos[:, :, -keep:], self.valid[:, :, -keep:]
 
@@ -223,6 +225,15 @@ class KVCache(Cache):
                                "it with kvbench.load_model or call kvbench.attention.enable(model)")
         CURRENT.set((self, layer_idx))
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def extend_prompt(self, k: int = 1) -> None:
+        """The next `k` tokens fed belong to the prompt: frozen with it, never decoding-compressed.
+
+        Used when the prompt's last token enters after compression (see evaluate.SampleRun).
+        """
+        for layer in self.layers:
+            layer.n_prompt += k
+            layer.n_prefill_slots += k
 
     # --- statistics -----------------------------------------------------------------
     def nbytes(self) -> int:

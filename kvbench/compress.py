@@ -71,7 +71,7 @@ def make_view(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: tor
               window: int, accumulate: bool) -> LayerView:
     valid = layer.valid[:, 0]
     return LayerView(
-        keys=layer.keys, values=layer.values, queries=query[:, :, -max(1, window):], valid=valid,
+        keys=layer.keys, values=layer.values, queries=query[:, :, -max(1, window):].clone(), valid=valid,
         scale=scale, layer_idx=layer_idx, n_layers=cache.n_layers,
         segments=row_segments(cache.segments, valid), shared=cache.scratch,
         accumulated=accumulated_attention(query, layer.keys, valid, scale) if accumulate else None,
@@ -84,7 +84,7 @@ def finish_prefill(layer: CompressedLayer, view: LayerView | None, method: Metho
         layer.keep(method.select(view))
     layer.n_prefill_slots = layer.stored_length()
     layer.prefill_kept = layer.kept_tokens()
-    if method is not None and method.compresses_decoding and method.needs_accumulated:
+    if method is not None and method.compresses_decoding and method.needs_accumulated and layer.sliding_window is None:
         layer.accumulated = layer.keys.new_zeros(layer.keys.shape[:3], dtype=torch.float32)
 
 
@@ -117,7 +117,7 @@ def on_decode(cache: KVCache, layer: CompressedLayer, weights: torch.Tensor | No
         return
     attn = None if weights is None else weights[:, :, -1, P:]
     acc = None if layer.accumulated is None else layer.accumulated[..., P:]
-    idx = method.select_decoding(attn, acc, layer.pos[..., P:], k)
+    idx = method.select_decoding(attn, acc, layer.pos[..., P:], k, n_gen)
     layer.gather(idx, torch.ones_like(idx, dtype=torch.bool), start=P)
 
 

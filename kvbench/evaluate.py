@@ -15,6 +15,7 @@ the full cache included ("prefill once, compress many"). Then, against each cach
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.cache import KVCache
+from kvbench.errors import KvbenchError
 from kvbench.generation import encode, eos_ids, greedy
 from kvbench.methods import Method, make_method
 from kvbench.prefill import Prefill, prefill
@@ -34,10 +36,17 @@ FULL = make_method("full")
 
 
 def label(method: Method) -> str:
-    """A short name for a configuration: "snapkv@0.3", "h2o@budget=128", "full"."""
+    """A name for a configuration: "snapkv@0.3", "h2o@budget=128", "shotkv@0.3[prefill_only=True]", "full".
+
+    Settings that differ from the method's defaults are named, so two configurations never share a label.
+    """
     if method.name == "full":
         return "full"
-    return f"{method.name}@budget={method.budget}" if method.budget is not None else f"{method.name}@{method.ratio:g}"
+    base = f"{method.name}@budget={method.budget}" if method.budget is not None else f"{method.name}@{method.ratio:g}"
+    defaults = type(method).settings()
+    extra = [f"{k}={v}" for k, v in dataclasses.asdict(method).items()
+             if k not in ("ratio", "budget") and defaults.get(k) != v]
+    return base + (f"[{','.join(extra)}]" if extra else "")
 
 
 @torch.inference_mode()
@@ -53,8 +62,17 @@ def continuation_logprobs(model, cache: KVCache, attention_mask: torch.Tensor, l
     x = torch.tensor([[last, *ids[:-1]]], device=attention_mask.device)
     mask = torch.cat([attention_mask, attention_mask.new_ones(1, len(ids) - 1)], dim=-1)
     pos = torch.arange(n - 1, n - 1 + len(ids), device=x.device)[None]
-    logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
-    return logits[0].float().log_softmax(-1)
+    if cache.method is None or not cache.method.compresses_decoding:
+        logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits
+        return logits[0].float().log_softmax(-1)
+    # Decoding-phase compression acts between steps, so teacher-force one token per step, as generation does.
+    out = []
+    for i in range(x.shape[1]):
+        logits = model(input_ids=x[:, i:i + 1], attention_mask=mask[:, : n + i], position_ids=pos[:, i:i + 1],
+                       past_key_values=cache, use_cache=True).logits
+        out.append(logits[0, -1].float().log_softmax(-1))
+    return torch.stack(out)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -111,12 +129,15 @@ class SampleRun:
         self.eos = eos_ids(model, tokenizer)
 
     def cache(self, method: Method) -> KVCache:
-        """A fresh cache for `method`: the prompt but its last token, compressed."""
+        """A fresh cache for `method`: the prompt but its last token, compressed; that token, fed next,
+        is still prompt (frozen with it, never decoding-compressed)."""
         if method.shares_prefill:
-            return self.captured.compress(method)
-        cache = KVCache(self.model.config, method, self.segments)
-        self.model(input_ids=self.head, attention_mask=self.mask[:, :-1], past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
+            cache = self.captured.compress(method)
+        else:
+            cache = KVCache(self.model.config, method, self.segments)
+            self.model(input_ids=self.head, attention_mask=self.mask[:, :-1], past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        cache.extend_prompt(1)
         return cache
 
     def logprobs(self, method: Method, ids: list[int]) -> tuple[torch.Tensor, KVCache]:
@@ -158,6 +179,7 @@ def _kl_and_nll(full: torch.Tensor, comp: torch.Tensor, ids: list[int]) -> tuple
     return float(nll_comp - nll_full), max(0.0, float(kl))
 
 
+@torch.inference_mode()
 def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int | None = None,
              chat: bool = False, mc: str = "loglik", progress: bool = True,
              on_row: Callable[[Row], None] | None = None, max_new_tokens: int | None = None) -> list[Row]:
@@ -168,6 +190,9 @@ def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int
     from tqdm.auto import tqdm
 
     configs = [FULL] + [m for m in methods if m.name != "full"]
+    labels = [label(m) for m in configs]
+    if len(set(labels)) != len(labels):
+        raise KvbenchError(f"two configurations are the same ({', '.join(labels)}); drop the duplicate")
     samples = task.samples(limit)
     cfg = task.config
     rows: list[Row] = []
@@ -198,8 +223,10 @@ def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int
             if full_lp is not None and m is not FULL:
                 delta_nll, kl = _kl_and_nll(full_lp, run.logprobs(m, run.target_ids)[0], run.target_ids)
             kept = cache.kept_after_prefill()[0]
+            # The reference agrees with itself; two answers that both fail to parse do not agree.
+            agree = 1.0 if m is FULL else float(answer is not None and answer == full_answer)
             row = Row(task.name, sample.id, label(m), m.name, None if m.budget is not None else m.ratio, m.budget,
-                      score, extracted, output, float(answer == full_answer), delta_nll, kl,
+                      score, extracted, output, agree, delta_nll, kl,
                       sum(kept) / len(kept), run.enc.lengths[0], cache.nbytes(), cache.full_nbytes(),
                       time.perf_counter() - t0, extra)
             rows.append(row)

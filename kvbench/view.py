@@ -43,6 +43,12 @@ class LayerView:
     def n_real(self) -> list[int]:
         return self.valid.sum(-1).tolist()
 
+    def votes(self, window: int) -> torch.Tensor:
+        """Attention each slot receives from the last `window` prompt queries, summed over them: (B, Hk, T).
+
+        The window is clipped to the captured queries (a prompt shorter than the window)."""
+        return self.window_attention(min(window, self.queries.shape[2])).sum(2)
+
     def window_attention(self, w: int) -> torch.Tensor:
         """Softmax attention of the last `w` prompt queries over all slots: (B, Hk, w, T), float32.
 

@@ -225,3 +225,25 @@ def test_sliding_layers_report_what_they_hold():
     cache, _ = run_prefill(tiny("gemma3"), prompt_ids(60), method("snapkv", ratio=0.3))
     kept = cache.kept_after_prefill()[0]
     assert kept == [23, 18, 18]  # sliding window 24 holds 23 tokens; full layers keep 0.3 * 60
+
+
+def test_a_whole_model_sliding_window_masks_evicted_caches_by_position():
+    from kvbench.attention import build_mask
+
+    # 14 slots kept of 40 seen (positions 0-3 and 30-39) + the new token at 40; window 16:
+    # only positions > 24 are visible, although the cache holds fewer slots than the window.
+    pos = torch.tensor([*range(4), *range(30, 41)], dtype=torch.int32).view(1, 1, -1)
+    valid = torch.ones(1, 1, 15, dtype=torch.bool)
+    m = build_mask(valid, pos, q=1, T=15, seen=41, n_heads=1, sliding_window=16, device=pos.device)
+    assert m[0, 0, 0].tolist() == [False] * 4 + [True] * 11
+
+
+def test_random_shot_mirrors_shotkv_budgets():
+    shot = make_method("shotkv", ratio=0.3)
+    rnd = make_method("random-shot", ratio=0.3)
+    assert rnd.compresses_decoding == shot.compresses_decoding is True
+    assert rnd.keep_count(100) == shot.keep_count(100) and rnd.decoding_keep_count(50) == shot.decoding_keep_count(50)
+    with pytest.raises(KvbenchError, match="contradicts"):
+        make_method("shotkv", ratio=0.3, prefill_only=True, decoding_budget=8)
+    with pytest.raises(KvbenchError, match="window_size"):
+        make_method("snapkv", window_size=0)

@@ -98,13 +98,60 @@ def test_fidelity_grows_when_the_cache_is_cut_hard(setup):
     assert all(r.kl > 1e-4 for r in cut)
     assert sum(abs(r.delta_nll) for r in cut) > 1e-3
     summary = {s["config"]: s for s in summarize(rows)}
-    assert summary["full"]["kl"] == 0.0 and summary["streamingllm@0.1"]["kl"] > 0
-    assert summary["streamingllm@0.1"]["kept_fraction"] < 0.15
+    assert summary["full"]["kl"] == 0.0 and summary["streamingllm@0.1[n_sink=1]"]["kl"] > 0
+    assert summary["streamingllm@0.1[n_sink=1]"]["kept_fraction"] < 0.15
 
 
 def test_multiple_choice_by_generated_letter(setup):
     model, tok = setup
     rows = evaluate(model, tok, ToyMC(), [make_method("snapkv", ratio=0.5, window_size=8)], limit=1,
                     mc="letter", progress=False)
-    assert {r.config for r in rows} == {"full", "snapkv@0.5"}
+    assert {r.config for r in rows} == {"full", "snapkv@0.5[window_size=8]"}
     assert all("letter" in r.extracted for r in rows)
+
+
+def test_the_last_prompt_token_is_prompt_not_a_generated_token(setup):
+    model, tok = setup
+    task = ToyGen()
+    m = make_method("shotkv", ratio=0.3, window_size=8)  # decoding ratio 0.3: evicts from step 2 on
+    run = SampleRun(model, tok, task, task.samples(1)[0], [FULL, m], chat=False)
+    text, cache = run.generate(m, 6, ())
+    n = run.enc.lengths[0]
+    for layer in cache.layers:
+        assert n - 1 in layer.pos[0, 0].tolist()  # never decoding-compressed
+        assert layer.n_prompt == n
+
+
+def test_scoring_sees_decoding_phase_compression(setup):
+    model, tok = setup
+    task = ToyGen()
+    run = SampleRun(model, tok, task, task.samples(1)[0], [FULL, make_method("shotkv", window_size=8)], chat=False)
+    ids = tok(" 2 plus 2 is 4, and 3 plus 3 is 6, so the answer is 4", add_special_tokens=False)["input_ids"]
+    with_dec, _ = run.logprobs(make_method("shotkv", ratio=0.3, window_size=8), ids)
+    prefill_only, _ = run.logprobs(make_method("shotkv", ratio=0.3, window_size=8, prefill_only=True), ids)
+    assert torch.allclose(with_dec[:3], prefill_only[:3], atol=1e-5)  # nothing generated to evict yet
+    assert not torch.allclose(with_dec, prefill_only, atol=1e-4)  # later tokens see the evictions
+
+
+def test_configurations_are_labelled_by_their_settings(setup):
+    from kvbench.errors import KvbenchError
+    from kvbench.evaluate import label
+
+    assert label(make_method("shotkv", ratio=0.3)) == "shotkv@0.3"
+    assert label(make_method("shotkv", ratio=0.3, prefill_only=True)) == "shotkv@0.3[prefill_only=True]"
+    assert label(make_method("h2o", budget=64)) == "h2o@budget=64"
+    model, tok = setup
+    with pytest.raises(KvbenchError, match="same"):
+        evaluate(model, tok, ToyMC(), [make_method("snapkv", ratio=0.3)] * 2, limit=1, progress=False)
+
+
+def test_two_failed_extractions_do_not_agree(setup):
+    model, tok = setup
+
+    class Unparsable(ToyGen):
+        def filters(self):
+            return {"never": lambda text: None}
+
+    rows = evaluate(model, tok, Unparsable(), [make_method("snapkv", ratio=0.5, window_size=8)], limit=1,
+                    progress=False)
+    assert [r.agree for r in rows] == [1.0, 0.0]  # the reference agrees with itself; two failures do not

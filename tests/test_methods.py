@@ -303,17 +303,17 @@ def test_h2o_decoding_keeps_recent_generated_tokens_and_heavy_hitters():
     acc = torch.tensor([[[5.0, 1.0, 4.0, 0.5, 3.0, 2.0, 0.0, 0.0],
                          [0.0, 6.0, 0.0, 5.0, 0.0, 4.0, 9.0, 0.0]]])  # (1, 2, 8)
     pos = torch.arange(40, 48).expand(1, 2, 8)
-    idx = make_method("h2o", ratio=0.5, decoding_budget=4).select_decoding(None, acc, pos, 4)
+    idx = make_method("h2o", ratio=0.5, decoding_budget=4).select_decoding(None, acc, pos, 4, 10)
     assert idx.tolist() == [[[0, 2, 6, 7], [1, 3, 6, 7]]]  # 2 recent + 2 heavy, per head
     m = make_method("h2o", ratio=0.5, decoding_budget=4, recent_fraction=0.0)
-    idx = m.select_decoding(None, acc, pos, 4)
+    idx = m.select_decoding(None, acc, pos, 4, 10)
     assert idx.tolist() == [[[0, 2, 4, 7], [1, 3, 6, 7]]]  # no recent share: the newest still stays
 
 
 def test_streamingllm_decoding_keeps_the_most_recent_by_position():
     pos = torch.tensor([[[40, 43, 44, 46, 47], [40, 41, 45, 46, 47]]])  # after earlier evictions
     m = make_method("streamingllm", ratio=0.5, decoding_budget=3)
-    assert m.select_decoding(None, None, pos, 3).tolist() == [[[2, 3, 4], [2, 3, 4]]]
+    assert m.select_decoding(None, None, pos, 3, 10).tolist() == [[[2, 3, 4], [2, 3, 4]]]
 
 
 @pytest.mark.parametrize("name", ["h2o", "streamingllm", "random"])
@@ -324,7 +324,7 @@ def test_decoding_always_keeps_the_newest_token(name):
         acc = torch.rand(2, 2, 9, generator=g)
         acc[..., -1] = 0  # the newest has received the least attention
         pos = torch.arange(100 + seed, 109 + seed).expand(2, 2, 9)
-        idx = m.select_decoding(torch.rand(2, 2, 9, generator=g), acc, pos, 3)
+        idx = m.select_decoding(torch.rand(2, 2, 9, generator=g), acc, pos, 3, 9)
         assert idx.shape == (2, 2, 3) and (idx[..., -1] == 8).all()
         assert (idx.diff(dim=-1) > 0).all()
 

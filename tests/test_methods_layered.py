@@ -314,7 +314,7 @@ def test_pyramidinfer_decoding_holds_the_budget_by_the_current_querys_attention(
         gen = layer.pos[0, :, layer.n_prefill_slots:]
         assert gen[0, -1] == 40 + 39 and (gen == gen[:1]).all()  # newest kept; heads agree
     attn = torch.tensor([[[0.1, 0.5, 0.2], [0.3, 0.1, 0.2]]])  # heads mean: 0.2, 0.3, 0.2
-    torch.testing.assert_close(m.decoding_score(attn, None, None), torch.tensor([[[0.2, 0.3, 0.2]] * 2]))
+    torch.testing.assert_close(m.decoding_score(attn, None, None, 3), torch.tensor([[[0.2, 0.3, 0.2]] * 2]))
 
 
 def test_defaults_are_the_papers_and_bad_settings_are_clear_errors():

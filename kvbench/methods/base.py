@@ -80,9 +80,9 @@ class Method:
     def __post_init__(self) -> None:
         _check_fraction("ratio", self.ratio)
         _check_fraction("decoding_ratio", self.decoding_ratio)
-        for name in ("budget", "decoding_budget", "decoding_every"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+        for name in ("budget", "decoding_budget", "decoding_every", "window_size", "kernel_size", "chunk_size"):
+            value = getattr(self, name, None)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise KvbenchError(f"{name}={value!r} must be a whole number >= 1")
         if isinstance(self.protect, str) or isinstance(self.protect, list):
             object.__setattr__(self, "protect", tuple([self.protect] if isinstance(self.protect, str)
@@ -156,11 +156,12 @@ class Method:
 
     # --- decoding selection -----------------------------------------------------------------
     def decoding_score(self, attention: torch.Tensor | None, accumulated: torch.Tensor | None,
-                       pos: torch.Tensor) -> torch.Tensor:
+                       pos: torch.Tensor, step: int) -> torch.Tensor:
         """Scores (B, Hk, G) of the G generated tokens held, higher = keep.
 
         `attention`: the current query's attention on them (B, Hk, G), group-averaged;
-        `accumulated`: attention received since each was generated; `pos`: their positions.
+        `accumulated`: attention received since each was generated; `pos`: their positions
+        (index space, padding included); `step`: tokens generated so far (the same for every row).
         """
         raise NotImplementedError
 
@@ -172,9 +173,9 @@ class Method:
     def decoding_needs_attention(self) -> bool:
         return self.compresses_decoding
 
-    def select_decoding(self, attention, accumulated, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
+    def select_decoding(self, attention, accumulated, pos: torch.Tensor, n_keep: int, step: int) -> torch.Tensor:
         """Indices (B, Hk, n_keep), ascending, of the generated tokens kept."""
-        s = self.decoding_score(attention, accumulated, pos).float().clone()  # scores may be expanded views
+        s = self.decoding_score(attention, accumulated, pos, step).float().clone()  # may be expanded views
         recent = min(self.decoding_recent(n_keep), n_keep)
         if recent:
             s[..., -recent:] = float("inf")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method, register
+from kvbench.methods.shots import pack
 from kvbench.view import LayerView
 
 
@@ -43,16 +44,6 @@ def chunk_sums(x: torch.Tensor, size: int) -> list[float]:
     """Sums of `x` (L,) over consecutive chunks of `size` from its start; the last may be short."""
     C = -(-x.shape[0] // size)
     return F.pad(x.float(), (0, C * size - x.shape[0])).view(C, size).sum(-1).tolist()
-
-
-def pick_chunks(scores: list[float], costs: list[int], room: int) -> list[int]:
-    """Indices of the chunks kept: best score first (ties: earlier), each only if it fits in `room`."""
-    kept = []
-    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
-        if costs[i] <= room:
-            kept.append(i)
-            room -= costs[i]
-    return sorted(kept)
 
 
 @register("chunkkv")
@@ -84,7 +75,7 @@ class ChunkKV(Method):
             keep = previous
         else:
             w = min(self.window_size, view.queries.shape[2])
-            votes = view.window_attention(w).sum(2).sum(1)  # (B, T): over window queries and KV heads
+            votes = view.votes(w).sum(1)  # (B, T): over window queries and KV heads
             keep = torch.stack([self._select_row(view, votes[b], b, n, w) for b, n in enumerate(view.n_real)])
         view.shared["chunkkv"] = keep
         return keep[:, None, :].expand(B, Hk, T)
@@ -96,6 +87,6 @@ class ChunkKV(Method):
         start, end, c = T - n, T - min(w, n), self.chunk_size  # chunks tile [first real token, window)
         scores = chunk_sums(votes[start:end], c)
         costs = [int(x) for x in chunk_sums((~keep[start:end]).float(), c)]
-        for i in pick_chunks(scores, costs, k - int(keep.sum())):
+        for i in pack(scores, costs, k - int(keep.sum()), fit="skip"):  # best first, each only if it fits
             keep[start + i * c: min(start + (i + 1) * c, end)] = True
         return keep

@@ -45,7 +45,7 @@ class H2O(Method):
     def score(self, view: LayerView) -> torch.Tensor:
         return view.accumulated
 
-    def decoding_score(self, attention, accumulated, pos):
+    def decoding_score(self, attention, accumulated, pos, step):
         return accumulated
 
     def decoding_recent(self, n_keep: int) -> int:

@@ -120,5 +120,5 @@ class PyramidInfer(Method):
         view.shared["pyramidinfer"] = keep
         return keep[:, None, :].expand(B, Hk, T)
 
-    def decoding_score(self, attention, accumulated, pos):
+    def decoding_score(self, attention, accumulated, pos, step):
         return attention.mean(1, keepdim=True).expand_as(attention)  # one choice for all heads

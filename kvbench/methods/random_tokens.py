@@ -38,7 +38,6 @@ class Random(Method):
             scores[b, :, T - n:] = _rand((Hk, n), self.seed * 100_003 + view.layer_idx)
         return scores.to(view.keys.device)
 
-    def decoding_score(self, attention, accumulated, pos):
+    def decoding_score(self, attention, accumulated, pos, step):
         B, Hk, G = pos.shape
-        step = int(pos[0, 0, -1])  # the newest position: a new draw at every step, same for every row
         return _rand((Hk, G), self.seed * 100_003 + step).expand(B, -1, -1).to(pos.device)

@@ -17,7 +17,8 @@ query's attention summed over heads, and the top `decoding_ratio` of them are ke
 
 Choices the paper leaves open (documented, tested):
 - one `ratio` sets both budgets unless `prefill_ratio` / `decoding_ratio` /
-  `decoding_budget` are given; `prefill_only=True` is the study's ablation;
+  `decoding_budget` are given (with `budget` instead of `ratio`, give a decoding setting
+  for decoding compression); `prefill_only=True` is the study's ablation;
 - a shot that does not fit is skipped and lower-ranked, shorter shots are tried
   (`fit="skip"`, a greedy knapsack); `fit="stop"` stops at the first that does not fit;
 - grouped-query attention: the query heads of a group are averaged, then KV heads summed;
@@ -64,6 +65,8 @@ class ShotKV(Method):
         _check_fraction("prefill_ratio", self.prefill_ratio)
         if self.fit not in ("skip", "stop"):
             raise KvbenchError(f"fit={self.fit!r}: use skip or stop")
+        if self.prefill_only and (self.decoding_ratio is not None or self.decoding_budget is not None):
+            raise KvbenchError("prefill_only=True contradicts decoding_ratio/decoding_budget: drop one")
 
     @property
     def _prefill_ratio(self) -> float:
@@ -87,14 +90,15 @@ class ShotKV(Method):
     def decoding_keep_count(self, n_generated: int) -> int:
         return keep_count(n_generated, self._decoding_ratio, self.decoding_budget)
 
+    def shot_scores(self, view: LayerView, row: int, spans: list[tuple[int, int]]) -> list[float]:
+        """Score_l(s) = mean over the shot's tokens of the window attention they receive, summed over heads."""
+        votes = view.votes(self.window_size).sum(1)[row]  # (T,)
+        return [float(votes[s:e].mean()) if e > s else float("-inf") for s, e in spans]
+
     def select(self, view: LayerView) -> torch.Tensor:
         w = min(self.window_size, view.queries.shape[2])
-        votes = view.window_attention(w).sum(2).sum(1)  # (B, T): over window queries and heads
+        return select_shots(view, self.keep_count, lambda row, spans: self.shot_scores(view, row, spans),
+                            self.fit, self.protect, w)
 
-        def score(row: int, spans: list[tuple[int, int]]) -> list[float]:
-            return [float(votes[row, s:e].mean()) for s, e in spans]
-
-        return select_shots(view, self.keep_count, score, self.fit, self.protect, w)
-
-    def decoding_score(self, attention, accumulated, pos):
+    def decoding_score(self, attention, accumulated, pos, step):
         return attention.sum(1, keepdim=True).expand_as(attention)  # one choice for all heads

@@ -57,7 +57,7 @@ class SnapKV(Method):
 
     def score(self, view: LayerView) -> torch.Tensor:
         w = min(self.window_size, view.queries.shape[2])
-        votes = view.window_attention(w).sum(2)  # (B, Hk, T)
+        votes = view.votes(w)  # (B, Hk, T)
         T = votes.shape[-1]
         if T == w:  # the whole prompt is the window: the newest tokens are kept (base.recent)
             return votes

@@ -43,7 +43,7 @@ class StreamingLLM(Method):
     def decoding_needs_attention(self) -> bool:
         return False
 
-    def decoding_score(self, attention, accumulated, pos):
+    def decoding_score(self, attention, accumulated, pos, step):
         return pos.float()
 
     def decoding_recent(self, n_keep: int) -> int:
