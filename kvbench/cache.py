@@ -59,7 +59,10 @@ class CompressedLayer(DynamicLayer):
         new_valid = torch.ones(B, 1 if self.valid is None else self.valid.shape[1], q,
                                dtype=torch.bool, device=key_states.device)
         if self.keys.numel() == 0:
-            self.keys, self.values, self.pos, self.valid = key_states, value_states, new_pos, new_valid
+            # Own copies: the model's tensors may be views into a larger one (Phi-3's fused qkv), which
+            # would stay alive and make nbytes() undercount.
+            self.keys, self.values = key_states.clone(), value_states.clone()
+            self.pos, self.valid = new_pos, new_valid
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)

@@ -83,7 +83,7 @@ def cmd_demo(args) -> None:
     """One prompt, several methods, one prefill: each method's cache is built from the same capture."""
     import torch
 
-    from kvbench.generation import encode, eos_ids, greedy
+    from kvbench.generation import encode, eos_ids, greedy, max_len
     from kvbench.methods import make_method
     from kvbench.prefill import prefill
 
@@ -91,7 +91,7 @@ def cmd_demo(args) -> None:
     methods = [make_method(n, **({} if n == "full" else settings)) for n in args.methods.split(",")]
     prompt = _prompt(args)
     model, tok = _load(args)
-    enc = encode(tok, [prompt], chat=args.chat, max_length=getattr(model.config, "max_position_embeddings", None))
+    enc = encode(tok, [prompt], chat=args.chat, max_length=max_len(model))
     window = max([64] + [m.observation_window for m in methods])
     t0 = time.perf_counter()
     captured = prefill(model, enc.input_ids, enc.attention_mask, enc.segments, window=window,

@@ -25,7 +25,7 @@ import torch
 
 from kvbench.cache import KVCache
 from kvbench.errors import KvbenchError
-from kvbench.generation import encode, eos_ids, greedy
+from kvbench.generation import encode, eos_ids, greedy, max_len
 from kvbench.methods import Method, make_method
 from kvbench.prefill import Prefill, prefill
 from kvbench.prompts import build_prompt
@@ -115,7 +115,7 @@ class SampleRun:
     def __init__(self, model, tokenizer, task: Task, sample: Sample, methods: list[Method], chat: bool):
         self.model, self.tok, self.task, self.sample = model, tokenizer, task, sample
         built = build_prompt(list(sample.parts), tokenizer, chat=chat)
-        self.enc = encode(tokenizer, [built], max_length=getattr(model.config, "max_position_embeddings", None))
+        self.enc = encode(tokenizer, [built], max_length=max_len(model))
         ids = self.enc.input_ids.to(model.device)
         self.mask = self.enc.attention_mask.to(model.device)
         n = ids.shape[1]

@@ -107,7 +107,7 @@ def generate(model, tokenizer, prompts: str | Sequence, method: str | Method = "
                                           and not isinstance(prompts[0], (str, list, tuple))
                                           and hasattr(prompts[0], "kind"))
     batch = [prompts] if single or hasattr(prompts, "input_ids") else list(prompts)
-    enc = encode(tokenizer, batch, chat=chat, max_length=_max_len(model))
+    enc = encode(tokenizer, batch, chat=chat, max_length=max_len(model))
     cache = KVCache(model.config, method, enc.segments)
     eos = eos_ids(model, tokenizer)
     out = model.generate(input_ids=enc.input_ids.to(model.device), attention_mask=enc.attention_mask.to(model.device),
@@ -147,6 +147,7 @@ def greedy(model, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Te
     return torch.stack(out, dim=1)
 
 
-def _max_len(model) -> int | None:
+def max_len(model) -> int | None:
+    """The model's context window (from the text config), or None when it does not say."""
     text = model.config.get_text_config(decoder=True)
     return getattr(text, "max_position_embeddings", None)

@@ -247,3 +247,9 @@ def test_random_shot_mirrors_shotkv_budgets():
         make_method("shotkv", ratio=0.3, prefill_only=True, decoding_budget=8)
     with pytest.raises(KvbenchError, match="window_size"):
         make_method("snapkv", window_size=0)
+
+
+def test_a_prompt_longer_than_the_window_is_a_clear_error():
+    model, tok = tiny("llama"), ToyTokenizer()
+    with pytest.raises(KvbenchError, match="exceeds the model's 1024-token window"):
+        kvbench.generate(model, tok, " ".join(["5"] * 1100), "snapkv", ratio=0.5)
