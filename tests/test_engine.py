@@ -12,8 +12,9 @@ from kvbench.cache import KVCache
 from kvbench.errors import KvbenchError
 from kvbench.methods import keep_count, make_method
 
-METHODS = ["random", "streamingllm", "snapkv", "h2o"]
-SMALL = {"snapkv": {"window_size": 8}}  # tiny prompts: a window that leaves room to choose
+METHODS = ["random", "streamingllm", "snapkv", "h2o"]  # every layer keeps exactly keep_count(n)
+LAYERED = ["pyramidkv", "chunkkv", "pyramidinfer"]  # per-layer or whole-unit budgets (test_methods_layered.py)
+SMALL = {name: {"window_size": 8} for name in ["snapkv", *LAYERED]}  # tiny prompts: room to choose
 
 
 def method(name: str, **kw):
@@ -31,7 +32,7 @@ def run_prefill(model, ids, m, mask=None, segments=None):
     return cache, out
 
 
-@pytest.mark.parametrize("name", ["full", *METHODS])
+@pytest.mark.parametrize("name", ["full", *METHODS, *LAYERED])
 def test_ratio_one_gives_the_uncompressed_logits(arch, name):
     ref, model = tiny(arch, "sdpa"), tiny(arch)
     ids = prompt_ids(40)
@@ -82,7 +83,7 @@ def test_protected_segments_are_never_evicted(arch, ratio, kept):
         assert layer.stored_length() == kept
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [*METHODS, *LAYERED])
 def test_batch_of_two_equals_two_batches_of_one(arch, name):
     model, m = tiny(arch), method(name, ratio=0.4)
     a, b = prompt_ids(50, seed=1)[0], prompt_ids(37, seed=2)[0]
@@ -128,7 +129,7 @@ def test_decoding_compression_holds_the_budget_over_100_tokens(arch, name):
     assert gen[-1] == 40 + 99 and gen == sorted(set(gen))  # newest kept, positions ordered
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [*METHODS, *LAYERED])
 def test_prefill_once_builds_the_same_cache_as_compressing_in_prefill(arch, name):
     model = tiny(arch)
     ids = prompt_ids(45)

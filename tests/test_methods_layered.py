@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt_ids, tiny
-from transformers import DynamicCache
 
 import kvbench
 from kvbench.cache import KVCache
@@ -243,55 +242,16 @@ def test_a_prompt_within_the_default_window_keeps_the_newest_tokens(name, expect
     assert [layer.pos[0].tolist() for layer in cache.layers] == [[expected] * 2] * 3
 
 
-@pytest.mark.parametrize("name", LAYERED)
-def test_ratio_one_gives_the_uncompressed_logits(arch, name):
-    ref, model = tiny(arch, "sdpa"), tiny(arch)
-    ids = prompt_ids(40)
-    kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        a = ref.generate(ids, past_key_values=DynamicCache(config=ref.config), **kw)
-        b = model.generate(ids, past_key_values=KVCache(model.config, method(name, ratio=1.0)), **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    for la, lb in zip(a.logits, b.logits):
-        torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("name", LAYERED)
-def test_batch_of_two_equals_two_batches_of_one(arch, name):
-    model, m = tiny(arch), method(name, ratio=0.4)
-    a, b = prompt_ids(50, seed=1)[0], prompt_ids(37, seed=2)[0]
-    ids = torch.stack([a, torch.cat([torch.zeros(13, dtype=torch.long), b])])
-    mask = torch.stack([torch.ones(50, dtype=torch.long), torch.cat([torch.zeros(13), torch.ones(37)]).long()])
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        both_cache = KVCache(model.config, m)
-        both = model.generate(ids, attention_mask=mask, past_key_values=both_cache, **kw)
-        alone = []
-        for row in (a, b):
-            c = KVCache(model.config, m)
-            alone.append((model.generate(row[None], past_key_values=c, **kw)[0, len(row):], c))
-    assert torch.equal(both[0, 50:], alone[0][0]) and torch.equal(both[1, 50:], alone[1][0])
-    for i, (lb, la0, la1) in enumerate(zip(both_cache.layers, alone[0][1].layers, alone[1][1].layers)):
-        if lb.sliding_window is not None:
-            continue
-        for row, la, pad in ((0, la0, 0), (1, la1, 13)):
-            valid = lb.valid.expand(-1, lb.keys.shape[1], -1)[row]
-            got = [(lb.pos[row, h][valid[h]] - pad).tolist() for h in range(lb.keys.shape[1])]
-            assert got == [la.pos[0, h].tolist() for h in range(la.keys.shape[1])], f"layer {i} row {row}"
-
-
-@pytest.mark.parametrize("name", LAYERED)
-def test_prefill_once_builds_the_same_cache_as_compressing_in_prefill(arch, name):
+def test_prefill_once_with_chunkkv_index_reuse_builds_the_inline_cache(arch):
+    # The invariants shared by every method (ratio 1.0, batch of two, prefill once) are in
+    # test_engine.py; this adds the cross-layer state of index reuse.
     model, ids = tiny(arch), prompt_ids(45)
     captured = kvbench.prefill(model, ids, window=16)
-    for setting in ({"ratio": 0.2}, {"ratio": 0.6}, {"ratio": 0.4, "reuse_layers": 2}):
-        if "reuse_layers" in setting and name != "chunkkv":
-            continue
-        m = method(name, **setting)
-        inline, built = run_prefill(model, ids, m), captured.compress(m)
-        for li, lb in zip(inline.layers, built.layers):
-            assert torch.equal(li.pos, lb.pos) and torch.equal(li.keys, lb.keys)
-            assert torch.equal(li.values, lb.values) and torch.equal(li.valid, lb.valid)
+    m = method("chunkkv", ratio=0.4, reuse_layers=2)
+    inline, built = run_prefill(model, ids, m), captured.compress(m)
+    for li, lb in zip(inline.layers, built.layers):
+        assert torch.equal(li.pos, lb.pos) and torch.equal(li.keys, lb.keys)
+        assert torch.equal(li.values, lb.values) and torch.equal(li.valid, lb.valid)
 
 
 def test_pyramidinfer_decoding_holds_the_budget_by_the_current_querys_attention(arch):
