@@ -120,9 +120,7 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if layer is not None and wants_weights(cache, layer):
         out, weights = eager(query, key, value, mask, scale)
     else:
-        causal = mask is None and q > 1 and q == T
-        if mask is None and q > 1 and q != T:
-            mask = build_mask(None, None, q, T, T, Hq, None, query.device)
+        causal = mask is None and q > 1  # build_mask returns None for q > 1 only for a plain causal prefill
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
                                              scale=scale, enable_gqa=Hq != key.shape[1])
     if layer is not None:

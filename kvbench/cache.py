@@ -112,45 +112,25 @@ class CompressedLayer(DynamicLayer):
         self.valid[..., -q:] = new_valid[:, None, :]
         self.all_valid = False
 
-    def gather(self, idx: torch.Tensor, valid: torch.Tensor, start: int = 0) -> None:
-        """Keep slots `start + idx` (B, Hk, K) of the slots from `start` on; earlier slots stay as they are.
-
-        `valid` (B, Hk, K) marks filler slots. The kept part is written in place and the
-        tensors are narrowed, so evicting k generated tokens costs O(k), not O(cache).
-        """
-        K = idx.shape[-1]
-        if start > 0 and valid.dtype == torch.bool and valid.numel() and valid.all():
-            self._gather_tail(idx, start)  # decoding: every generated slot is real
-            return
-        gidx = idx + start
-        kv_idx = gidx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        keys, values = self.keys.gather(2, kv_idx), self.values.gather(2, kv_idx)
-        pos = self.pos.gather(2, gidx.to(torch.int64))
-        acc = None if self.accumulated is None else self.accumulated.gather(2, gidx)
+    def gather(self, idx: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep slots `idx` (B, Hk, K), new tensors in slot order; `valid` (B, Hk, K) marks filler slots."""
+        kv_idx = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         if not bool(valid.all()):
             self.all_valid = False
-        # Heads keep the same count in every row we build, so validity is shared across heads.
+        # Heads keep the same count in every row we build, so validity is usually shared across heads.
         shared = bool((valid == valid[:, :1]).all())
-        valid = valid[:, :1] if shared else valid
-        old_valid = self.valid[..., :start]
-        if old_valid.shape[1] != valid.shape[1]:
-            heads = max(old_valid.shape[1], valid.shape[1])
-            old_valid, valid = old_valid.expand(-1, heads, -1), valid.expand(-1, heads, -1)
-        if start == 0:
-            self.keys, self.values, self.pos, self.valid, self.accumulated = keys, values, pos, valid, acc
-            return
-        end = start + K
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
-        self.pos[:, :, start:end] = pos
-        self.keys, self.values, self.pos = self.keys[:, :, :end], self.values[:, :, :end], self.pos[:, :, :end]
-        self.valid = torch.cat([old_valid, valid], dim=-1)
-        if acc is not None:
-            self.accumulated[:, :, start:end] = acc
-            self.accumulated = self.accumulated[:, :, :end]
+        self.keys, self.values = self.keys.gather(2, kv_idx), self.values.gather(2, kv_idx)
+        self.pos = self.pos.gather(2, idx.to(torch.int64))
+        self.valid = valid[:, :1] if shared else valid
+        if self.accumulated is not None:
+            self.accumulated = self.accumulated.gather(2, idx)
 
-    def _gather_tail(self, idx: torch.Tensor, start: int) -> None:
-        """Keep slots `start + idx` of the tail, in place; the head and its validity are untouched."""
+    def keep_tail(self, idx: torch.Tensor, start: int) -> None:
+        """Keep slots `start + idx` (B, Hk, K) of the tail (generated tokens, all real), in place.
+
+        Slots before `start` and their validity are untouched; the kept part is written in
+        place and the tensors narrowed, so evicting k generated tokens costs O(k), not O(cache).
+        """
         end = start + idx.shape[-1]
         gidx = idx + start
         kv_idx = gidx[..., None].expand(-1, -1, -1, self.keys.shape[-1])

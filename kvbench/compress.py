@@ -118,7 +118,7 @@ def on_decode(cache: KVCache, layer: CompressedLayer, weights: torch.Tensor | No
     attn = None if weights is None else weights[:, :, -1, P:]
     acc = None if layer.accumulated is None else layer.accumulated[..., P:]
     idx = method.select_decoding(attn, acc, layer.pos[..., P:], k, n_gen)
-    layer.gather(idx, torch.ones_like(idx, dtype=torch.bool), start=P)
+    layer.keep_tail(idx, start=P)
 
 
 def after_attention(cache: KVCache, layer_idx: int, query: torch.Tensor, scale: float,

@@ -80,7 +80,9 @@ class Method:
     def __post_init__(self) -> None:
         _check_fraction("ratio", self.ratio)
         _check_fraction("decoding_ratio", self.decoding_ratio)
-        for name in ("budget", "decoding_budget", "decoding_every", "window_size", "kernel_size", "chunk_size"):
+        # Whole-number settings of any method, checked once here.
+        for name in ("budget", "decoding_budget", "decoding_every", "window_size", "kernel_size", "chunk_size",
+                     "reuse_layers", "beta"):
             value = getattr(self, name, None)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise KvbenchError(f"{name}={value!r} must be a whole number >= 1")

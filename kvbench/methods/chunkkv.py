@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method, register
 from kvbench.methods.shots import pack
 from kvbench.view import LayerView
@@ -60,13 +59,6 @@ class ChunkKV(Method):
     window_size: int = 32
     chunk_size: int = 10
     reuse_layers: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("window_size", "chunk_size", "reuse_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise KvbenchError(f"{name}={value!r} must be a whole number >= 1")
 
     def select(self, view: LayerView) -> torch.Tensor:
         B, Hk, T = view.keys.shape[:3]

@@ -89,8 +89,6 @@ class PyramidInfer(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.window_size, int) or self.window_size < 1:
-            raise KvbenchError(f"window_size={self.window_size!r} must be a whole number >= 1")
         if not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise KvbenchError(f"n_sink={self.n_sink!r} must be a whole number >= 0")
         if not 0.0 < self.decay <= 1.0 or self.distance_weight <= 0:

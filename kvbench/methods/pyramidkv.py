@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from kvbench.errors import KvbenchError
 from kvbench.methods.base import register
 from kvbench.methods.snapkv import SnapKV
 
@@ -75,13 +74,6 @@ class PyramidKV(SnapKV):
     """
 
     beta: int = 20
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.beta, int) or self.beta < 1:
-            raise KvbenchError(f"beta={self.beta!r} must be a whole number >= 1")
-        if self.window_size < 1:
-            raise KvbenchError(f"window_size={self.window_size} must be >= 1")
 
     def keep_count(self, n: int, layer_idx: int = 0, n_layers: int = 1) -> int:
         k = super().keep_count(n)
