@@ -52,7 +52,11 @@ def build_mask(valid: torch.Tensor | None, pos: torch.Tensor | None, q: int, T: 
     # Windowed when anything stored may lie outside the window: with eviction, by position, not slot count.
     windowed = sliding_window is not None and (T > sliding_window or (pos is not None and seen > sliding_window))
     if q == 1 and not windowed:
-        return None if valid is None else valid[:, :, None, :]
+        if valid is None:
+            return None
+        if valid.shape[1] not in (1, n_heads):  # per-KV-head validity (head-adaptive budgets)
+            valid = valid.repeat_interleave(n_heads // valid.shape[1], dim=1)
+        return valid[:, :, None, :]
     if valid is None and not windowed and q == T:
         return None  # a plain causal prefill: SDPA's is_causal kernel is much faster than a mask
     dev = device

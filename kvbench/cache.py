@@ -10,6 +10,12 @@ model's 2-D mask, whose columns no longer line up with an evicted cache.
 `get_seq_length` reports the tokens *seen* (what transformers uses it for: the next
 position), like `DynamicSlidingWindowLayer`; `get_mask_sizes` and `stored_length`
 report what is held.
+
+A layer may hold its keys and values in a compact form between forward passes (a
+`kvbench.storage.Codec`: quantized, low-rank, ragged per head, merged across layers). Then
+`keys`/`values` are dense only inside the layer's own attention call: `update` loads them,
+`park` (after attention and eviction) hands them back to the codec and drops them. Slot
+bookkeeping (`pos`, `valid`) is always dense.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from kvbench.errors import KvbenchError
 if TYPE_CHECKING:
     from kvbench.methods.base import Method
     from kvbench.segments import Segment
+    from kvbench.storage import Codec
 
 # Set by KVCache.update, read by the attention function right after, for the same layer.
 CURRENT: ContextVar[tuple[KVCache, int] | None] = ContextVar("kvbench_current_layer", default=None)
@@ -48,11 +55,19 @@ class CompressedLayer(DynamicLayer):
         self.prefill_kept: torch.Tensor | None = None  # (B, Hk) real tokens kept after prefill
         self.accumulated: torch.Tensor | None = None  # (B, Hk, T) attention received (H2O), if tracked
         self.captured: dict | None = None  # what scoring needs, when the cache captures (prefill.py)
+        self.codec: Codec | None = None  # compact storage between forward passes; None: dense tensors
+        self.heads = self.k_dim = self.v_dim = 0  # shape of one slot, recorded at the first update
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.heads, self.k_dim, self.v_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
 
     # --- transformers' layer API -------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.keys is None:  # parked in a codec since the last pass: dense again, for this pass only
+            self.keys, self.values = self.codec.load(self)
         B, H, q, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
         new_pos = new_pos.expand(B, H, q)
@@ -95,14 +110,33 @@ class CompressedLayer(DynamicLayer):
         raise NotImplementedError("a compressed cache does not support num_return_sequences > 1")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.codec is not None:
+            self.codec.select(self, indices)
         for name in ("keys", "values", "pos", "valid", "accumulated", "prefill_kept"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[indices])
 
     # --- kvbench ------------------------------------------------------------------
+    def expand_batch(self, n: int) -> None:
+        """Repeat a one-row cache `n` times as views (no copy); what is appended later is per row."""
+        if self.codec is not None:
+            self.codec.expand(self, n)
+        for name in ("keys", "values", "pos", "valid", "prefill_kept"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.expand(n, *t.shape[1:]))
+        if self.accumulated is not None:  # updated in place while decoding: a real copy
+            self.accumulated = self.accumulated.expand(n, *self.accumulated.shape[1:]).clone()
+
+    def park(self) -> None:
+        """End of this layer's pass: a codec takes the dense keys/values (they are dropped until the next pass)."""
+        if self.codec is not None and self.keys is not None:
+            frozen = self.n_prefill_slots if self.codec.prompt_only else self.stored_length()
+            self.codec.store(self, frozen)
+
     def stored_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self.pos is None else self.pos.shape[-1]
 
     def mark_new_valid(self, new_valid: torch.Tensor) -> None:
         """Record which of the `q` newest slots are padding, from the model's 2-D mask (B, q)."""
@@ -164,14 +198,24 @@ class CompressedLayer(DynamicLayer):
         self.pos, self.valid = self.pos[:, :, -keep:], self.valid[:, :, -keep:]
 
     def nbytes(self) -> int:
-        """Bytes of the stored keys and values (the KV cache proper)."""
+        """Bytes of the stored keys and values (the KV cache proper), from the tensors that hold them."""
+        if self.codec is not None and self.keys is None:
+            return self.codec.nbytes()
         if self.keys is None:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
+    def full_nbytes(self) -> int:
+        """What a plain transformers layer holding the same sequence would hold."""
+        if self.pos is None:
+            return 0
+        T = self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return self.pos.shape[0] * self.heads * T * (self.k_dim + self.v_dim) * size
+
     def kept_tokens(self) -> torch.Tensor:
         """Real tokens held now, per row and head: (B, Hk)."""
-        return self.valid.expand(-1, self.keys.shape[1], -1).sum(-1)
+        return self.valid.expand(-1, self.pos.shape[1], -1).sum(-1)
 
 
 class KVCache(Cache):
@@ -224,19 +268,14 @@ class KVCache(Cache):
 
     def full_nbytes(self) -> int:
         """What an uncompressed transformers cache of the same sequence would hold."""
-        total = 0
-        for layer in self.layers:
-            if layer.keys is None:
-                continue
-            B, H, _, D = layer.keys.shape
-            T = layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
-            total += 2 * B * H * T * D * layer.keys.element_size()
-        return total
+        return sum(layer.full_nbytes() for layer in self.layers)
 
-    def kept_after_prefill(self) -> list[list[int]]:
-        """Real prompt tokens kept per layer, per row (max over heads where heads differ)."""
+    def kept_after_prefill(self) -> list[list[float]]:
+        """Real prompt tokens kept per layer, per row: the mean over KV heads (heads keep different
+        counts under head-adaptive budgets, AdaKV; whole numbers otherwise)."""
         rows = []
         for layer in self.layers:
             kept = layer.prefill_kept
-            rows.append([] if kept is None else kept.max(dim=1).values.tolist())
+            mean = [] if kept is None else kept.float().mean(dim=1).tolist()
+            rows.append([int(x) if x == int(x) else x for x in mean])
         return [list(r) for r in zip(*rows)] if rows and rows[0] else []

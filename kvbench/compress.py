@@ -78,14 +78,19 @@ def make_view(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: tor
     )
 
 
-def finish_prefill(layer: CompressedLayer, view: LayerView | None, method: Method | None) -> None:
-    """Compress a layer's prompt cache by `method` and freeze its bookkeeping. Shared by both paths."""
+def finish_prefill(layer: CompressedLayer, view: LayerView | None, method: Method | None, layer_idx: int,
+                   n_layers: int, scratch: dict) -> None:
+    """Compress a layer's prompt cache by `method`, freeze its bookkeeping, and hand it to the method's
+    storage (if any). Shared by both paths (in a prefill, and from a captured one)."""
     if view is not None and method is not None and method.compresses_prefill:
         layer.keep(method.select(view))
     layer.n_prefill_slots = layer.stored_length()
     layer.prefill_kept = layer.kept_tokens()
     if method is not None and method.compresses_decoding and method.needs_accumulated and layer.sliding_window is None:
         layer.accumulated = layer.keys.new_zeros(layer.keys.shape[:3], dtype=torch.float32)
+    if method is not None and layer.sliding_window is None:  # sliding layers hold their window as is
+        layer.codec = method.codec(layer_idx, n_layers, scratch)
+        layer.park()
 
 
 def on_prefill(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: torch.Tensor,
@@ -100,25 +105,26 @@ def on_prefill(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: to
         elif method is not None and method.compresses_prefill:
             view = make_view(cache, layer, layer_idx, query, scale, method.observation_window,
                              method.needs_accumulated)
-    finish_prefill(layer, view, method)
+    finish_prefill(layer, view, method, layer_idx, cache.n_layers, cache.scratch)
 
 
 def on_decode(cache: KVCache, layer: CompressedLayer, weights: torch.Tensor | None) -> None:
     """Hold the generated tokens at the decoding budget; the prompt part is never touched again."""
     method = cache.method
     if method is None or not method.compresses_decoding or layer.sliding_window is not None:
+        layer.park()
         return
     P = layer.n_prefill_slots
     if layer.accumulated is not None and weights is not None:
         layer.accumulated += weights.sum(2)
     n_gen = layer.seen - layer.n_prompt
     k = method.decoding_keep_count(n_gen)
-    if layer.stored_length() - P <= k or n_gen % method.decoding_every:
-        return
-    attn = None if weights is None else weights[:, :, -1, P:]
-    acc = None if layer.accumulated is None else layer.accumulated[..., P:]
-    idx = method.select_decoding(attn, acc, layer.pos[..., P:], k, n_gen)
-    layer.keep_tail(idx, start=P)
+    if layer.stored_length() - P > k and not n_gen % method.decoding_every:
+        attn = None if weights is None else weights[:, :, -1, P:]
+        acc = None if layer.accumulated is None else layer.accumulated[..., P:]
+        idx = method.select_decoding(attn, acc, layer.pos[..., P:], k, n_gen)
+        layer.keep_tail(idx, start=P)
+    layer.park()
 
 
 def after_attention(cache: KVCache, layer_idx: int, query: torch.Tensor, scale: float,

@@ -163,12 +163,7 @@ class SampleRun:
         with torch.inference_mode():
             cache = self.cache(method)
             for layer in cache.layers:
-                for name in ("keys", "values", "pos", "valid", "prefill_kept"):
-                    t = getattr(layer, name)
-                    if t is not None:
-                        setattr(layer, name, t.expand(n, *t.shape[1:]))
-                if layer.accumulated is not None:  # updated in place while decoding: a real copy
-                    layer.accumulated = layer.accumulated.expand(n, *layer.accumulated.shape[1:]).clone()
+                layer.expand_batch(n)
             cache.segments = (cache.segments or [[]]) * n
             N = int(self.mask.sum())
             x = torch.tensor([[self.last, *o[:-1]] + [self.last] * (L - len(o)) for o in options], device=dev)

@@ -47,17 +47,18 @@ class Prefill:
         if method.needs_accumulated and not self.accumulated:
             raise KvbenchError(f"{method.name} needs accumulated attention; capture with accumulated=True")
         out = KVCache(self.config, method, self.cache.segments)
-        for src, dst in zip(self.cache.layers, out.layers):
+        for dst_idx, (src, dst) in enumerate(zip(self.cache.layers, out.layers)):
             _copy_state(src, dst)
             view = None if src.captured is None else dataclasses.replace(src.captured, shared=out.scratch)
-            finish_prefill(dst, view, method)
+            finish_prefill(dst, view, method, dst_idx, out.n_layers, out.scratch)
         return out
 
 
 def _copy_state(src: CompressedLayer, dst: CompressedLayer) -> None:
     # Tensors are shared, not copied: eviction gathers into new tensors and decoding
     # concatenates into new ones, so the capture is never written through.
-    for name in ("keys", "values", "pos", "valid", "all_valid", "seen", "n_prompt", "is_initialized"):
+    for name in ("keys", "values", "pos", "valid", "all_valid", "seen", "n_prompt", "is_initialized", "heads",
+                 "k_dim", "v_dim"):
         setattr(dst, name, getattr(src, name))
     if src.is_initialized:
         dst.dtype, dst.device = src.dtype, src.device

@@ -1,9 +1,13 @@
 """Compression methods, one per file; each registers itself by name (see `base.register`)."""
 
 from kvbench.methods import (  # noqa: F401  (fills the registry)
+    adakv,
     chunkkv,
     full,
     h2o,
+    kivi,
+    lowrank,
+    minicache,
     pyramidinfer,
     pyramidkv,
     random_shot,

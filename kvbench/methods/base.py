@@ -76,6 +76,8 @@ class Method:
     phases: ClassVar[tuple[str, ...]] = ("prefill",)  # add "decoding" where the method defines it
     needs_accumulated: ClassVar[bool] = False  # needs the attention every prompt token received (H2O)
     shares_prefill: ClassVar[bool] = True  # False: the method changes the prefill computation itself
+    takes_ratio: ClassVar[bool] = True  # False: `ratio`/`budget` mean nothing (storage alone: kivi, minicache)
+    stores: ClassVar[str] = ""  # how kept tokens are stored, when not as dense tensors ("quantized", ...)
 
     def __post_init__(self) -> None:
         _check_fraction("ratio", self.ratio)
@@ -183,6 +185,19 @@ class Method:
             s[..., -recent:] = float("inf")
         return s.topk(n_keep, dim=-1).indices.sort(-1).values
 
+    # --- storage ----------------------------------------------------------------------------
+    def codec(self, layer_idx: int, n_layers: int, scratch: dict):
+        """The layer's storage after prefill (a `kvbench.storage.Codec`), or None for dense tensors."""
+        return None
+
+    def expected_bytes(self, n: int, layer_idx: int, n_layers: int, heads: int, dim: int, dtype) -> int:
+        """Bytes one row of a `n`-token prompt holds in this layer right after prefill, by the method's
+        own rule (what `kvbench bench` checks the measured bytes against). Dense storage by default."""
+        from kvbench.storage import size_of
+
+        k = self.keep_count(n, layer_idx, n_layers) if self.compresses_prefill else n
+        return 2 * k * heads * dim * size_of(dtype)
+
     # --- description ----------------------------------------------------------------------
     @classmethod
     def settings(cls) -> dict[str, object]:
@@ -197,10 +212,15 @@ def make_method(name: str | Method, **settings) -> Method:
     """A method by registry name with settings, e.g. ``make_method("snapkv", ratio=0.3, window_size=16)``."""
     if isinstance(name, Method):
         return dataclasses.replace(name, **settings) if settings else name
-    if name not in REGISTRY:
-        raise KvbenchError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))} "
-                           "(`kvbench methods` lists their settings)")
-    cls = REGISTRY[name]
+    if isinstance(name, str) and "+" in name:
+        from kvbench.methods.compose import composed
+
+        cls = composed(name)
+    elif name not in REGISTRY:
+        raise KvbenchError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}, or a composition "
+                           "such as snapkv+kivi (`kvbench methods` lists their settings)")
+    else:
+        cls = REGISTRY[name]
     unknown = set(settings) - set(cls.settings())
     if unknown:
         raise KvbenchError(f"{name} has no setting {', '.join(sorted(unknown))}; "
@@ -212,6 +232,7 @@ def make_method(name: str | Method, **settings) -> Method:
 
 
 def list_methods() -> list[dict]:
-    """Every registered method: name, summary, phases and settings with defaults."""
-    return [{"name": n, "summary": c.summary(), "phases": list(c.phases), "settings": c.settings()}
+    """Every registered method: name, summary, phases, storage, whether it takes a ratio, settings with defaults."""
+    return [{"name": n, "summary": c.summary(), "phases": list(c.phases), "stores": c.stores or "dense",
+             "takes_ratio": c.takes_ratio, "settings": c.settings()}
             for n, c in sorted(REGISTRY.items())]

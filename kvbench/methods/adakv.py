@@ -1,0 +1,88 @@
+"""AdaKV: "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient
+LLM Inference", Feng et al., arXiv 2407.11550.
+
+A layer's budget is shared by its KV heads instead of split evenly: heads whose attention is
+concentrated need few tokens, dispersed heads many. Here (Ada-SnapKV / Ada-PyramidKV, the
+paper's instances): tokens are scored as SnapKV scores them (window attention, pooled;
+grouped query heads averaged); every head keeps its protected tokens (the observation window,
+protected segments) and, as a safeguard, its own best `floor(alpha * (k - p))` tokens, where
+k is the per-head budget of the budget rule and p the protected count; the rest of the
+layer's `Hk * k` slots go to the best remaining scores across all its heads. So per-head counts
+differ but sum to exactly `Hk * k` per row, and each head keeps at most the prompt.
+
+The memory saved is real: heads' kept sets are stored ragged (`kvbench.storage.ragged`),
+not as masks over a padded layout (kvpress's AdaKVPress masks evicted keys and saves nothing).
+
+Defaults: SnapKV's (window 32, kernel 5, average pooling); `alpha=0.2`, the safeguard
+kvpress uses and the authors recommend with grouped-query attention (their README's 0.5 is
+for full multi-head models). `scorer="pyramidkv"` takes PyramidKV's per-layer budgets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import Method, _check_fraction, register
+from kvbench.methods.pyramidkv import PyramidKV
+from kvbench.storage.ragged import Ragged
+from kvbench.view import LayerView
+
+
+@register("adakv")
+@dataclass(frozen=True)
+class AdaKV(PyramidKV):
+    """SnapKV's scores, one budget per layer shared across heads by score; stored ragged.
+
+    Attributes:
+        alpha: fraction of each head's non-protected budget it keeps whatever its scores (0.2).
+        scorer: "snapkv" (the same budget in every layer) or "pyramidkv" (PyramidKV's per-layer budgets).
+        window_size, kernel_size, pooling, beta: as SnapKV / PyramidKV.
+    """
+
+    alpha: float = 0.2
+    scorer: str = "snapkv"
+
+    stores: ClassVar[str] = "ragged"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha != 0.0:
+            _check_fraction("alpha", self.alpha)
+        if self.scorer not in ("snapkv", "pyramidkv"):
+            raise KvbenchError(f"scorer={self.scorer!r}: use snapkv or pyramidkv")
+
+    def keep_count(self, n: int, layer_idx: int = 0, n_layers: int = 1) -> int:
+        if self.scorer == "pyramidkv":
+            return super().keep_count(n, layer_idx, n_layers)
+        return Method.keep_count(self, n, layer_idx, n_layers)
+
+    def select(self, view: LayerView) -> torch.Tensor:
+        scores = self.score(view).float()
+        B, Hk, T = scores.shape
+        keep = torch.zeros(B, Hk, T, dtype=torch.bool, device=scores.device)
+        for b, n in enumerate(view.n_real):
+            k = self.keep_count(n, view.layer_idx, view.n_layers)
+            prot = self.protected(view, k, b)
+            k = max(k, int(prot.sum()))
+            s = scores[b].masked_fill(~view.valid[b], float("-inf"))
+            keep[b] |= prot
+            free = s.masked_fill(prot, float("-inf"))  # (Hk, T): what each head may still choose
+            floor = math.floor(self.alpha * (k - int(prot.sum())))
+            if floor:  # the safeguard: each head's own best
+                keep[b].scatter_(-1, free.topk(floor, dim=-1).indices, True)
+            rest = Hk * k - int(keep[b].sum())
+            if rest:  # the shared part: best remaining scores over all heads of the layer
+                flat = free.masked_fill(keep[b], float("-inf")).flatten()
+                keep[b].view(-1)[flat.topk(rest).indices] = True
+        return keep
+
+    def codec(self, layer_idx: int, n_layers: int, scratch: dict) -> Ragged | None:
+        return Ragged() if self.compresses_prefill else None
+
+    def expected_bytes(self, n: int, layer_idx: int, n_layers: int, heads: int, dim: int, dtype) -> int:
+        return super().expected_bytes(n, layer_idx, n_layers, heads, dim, dtype)  # Hk * k slots in all

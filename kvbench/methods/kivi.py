@@ -1,0 +1,80 @@
+"""KIVI: "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", Liu et al.,
+arXiv 2402.02750.
+
+Every token is kept; what changes is how it is stored: keys quantized per channel (a group
+is `group_size` tokens of one channel: keys have outlier channels), values per token (a group
+is `group_size` channels of one token), asymmetric min-max, 2 or 4 bits, packed; the newest
+tokens stay in full precision (`residual`: keys in blocks of `residual` tokens, values a
+sliding window of `residual`). Attention reads the dequantized cache. Layout and rules:
+`kvbench.storage.quantized`.
+
+Defaults from the paper (§4): 2 bits, group size 32, residual 128 (the authors' example
+script uses residual 32). Scales and minima are kept in the cache's dtype, as the authors'
+code keeps them in the model's; so the byte ratio depends on the dtype (float32 here by
+default: 2-bit codes are 1/16 of a float32, against 1/8 of a float16).
+
+A quantizing method has no `ratio`: its byte ratio follows from bits, group size, residual and
+the prompt length, and kvbench reports the ratio it measures. `kivi` composes with eviction:
+`snapkv+kivi` quantizes what SnapKV keeps (`methods/compose.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import Method, register
+from kvbench.storage.quantized import Kivi, kivi_bytes
+
+
+@dataclass(frozen=True)
+class KiviStorage:
+    """KIVI's storage settings; mixed into `kivi` and into compositions such as `snapkv+kivi`.
+
+    Attributes:
+        bits: 2 or 4 (paper: 2; 8 also accepted).
+        group_size: tokens per key group, channels per value group (paper: 32); divides the head dim.
+        residual: newest tokens kept in full precision (paper: 128); a multiple of group_size.
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+
+    stores: ClassVar[str] = "quantized"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits not in (2, 4, 8):
+            raise KvbenchError(f"bits={self.bits!r}: KIVI quantizes to 2, 4 or 8 bits")
+        for name in ("group_size", "residual"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise KvbenchError(f"{name}={v!r} must be a whole number >= 1")
+        if self.residual % self.group_size:
+            raise KvbenchError(f"residual={self.residual} must be a multiple of group_size={self.group_size} "
+                               "(keys are quantized in whole groups when the residual fills)")
+
+    def codec(self, layer_idx: int, n_layers: int, scratch: dict) -> Kivi:
+        # With decoding-phase eviction on, generated tokens may still be evicted: only the prompt is quantized.
+        return Kivi(self.bits, self.group_size, self.residual, prompt_only=self.compresses_decoding)
+
+    def expected_bytes(self, n: int, layer_idx: int, n_layers: int, heads: int, dim: int, dtype) -> int:
+        k = self.keep_count(n, layer_idx, n_layers) if self.compresses_prefill else n
+        return kivi_bytes(k, heads, dim, dtype, self.bits, self.group_size, self.residual)
+
+
+@register("kivi")
+@dataclass(frozen=True)
+class KIVI(KiviStorage, Method):
+    """Every token kept, quantized: keys per channel, values per token, newest in full precision."""
+
+    phases = ()
+    takes_ratio = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ratio != 1.0 or self.budget is not None:
+            raise KvbenchError("kivi keeps every token, so it takes no ratio or budget: its byte ratio follows from "
+                               "bits (2 or 4); to evict as well, compose: snapkv+kivi")
