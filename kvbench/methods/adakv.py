@@ -30,7 +30,6 @@ from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method, _check_fraction, register
 from kvbench.methods.pyramidkv import PyramidKV
 from kvbench.storage.ragged import Ragged
-from kvbench.view import LayerView
 
 
 @register("adakv")
@@ -61,28 +60,19 @@ class AdaKV(PyramidKV):
             return super().keep_count(n, layer_idx, n_layers)
         return Method.keep_count(self, n, layer_idx, n_layers)
 
-    def select(self, view: LayerView) -> torch.Tensor:
-        scores = self.score(view).float()
-        B, Hk, T = scores.shape
-        keep = torch.zeros(B, Hk, T, dtype=torch.bool, device=scores.device)
-        for b, n in enumerate(view.n_real):
-            k = self.keep_count(n, view.layer_idx, view.n_layers)
-            prot = self.protected(view, k, b)
-            k = max(k, int(prot.sum()))
-            s = scores[b].masked_fill(~view.valid[b], float("-inf"))
-            keep[b] |= prot
-            free = s.masked_fill(prot, float("-inf"))  # (Hk, T): what each head may still choose
-            floor = math.floor(self.alpha * (k - int(prot.sum())))
-            if floor:  # the safeguard: each head's own best
-                keep[b].scatter_(-1, free.topk(floor, dim=-1).indices, True)
-            rest = Hk * k - int(keep[b].sum())
-            if rest:  # the shared part: best remaining scores over all heads of the layer
-                flat = free.masked_fill(keep[b], float("-inf")).flatten()
-                keep[b].view(-1)[flat.topk(rest).indices] = True
+    def select_row(self, scores: torch.Tensor, protected: torch.Tensor, k: int) -> torch.Tensor:
+        """Hk * k slots for the row: protected ones in every head, each head's safeguard, then the best
+        remaining scores across heads."""
+        Hk = scores.shape[0]
+        keep = protected.expand_as(scores).clone()
+        free = scores.masked_fill(protected, float("-inf"))  # (Hk, T): what each head may still choose
+        floor = math.floor(self.alpha * (k - int(protected.sum())))
+        if floor:  # the safeguard: each head's own best
+            keep.scatter_(-1, free.topk(floor, dim=-1).indices, True)
+        rest = Hk * k - int(keep.sum())
+        if rest:  # the shared part: best remaining scores over all heads of the layer
+            keep.view(-1)[free.masked_fill(keep, float("-inf")).flatten().topk(rest).indices] = True
         return keep
 
     def codec(self, layer_idx: int, n_layers: int, scratch: dict) -> Ragged | None:
         return Ragged() if self.compresses_prefill else None
-
-    def expected_bytes(self, n: int, layer_idx: int, n_layers: int, heads: int, dim: int, dtype) -> int:
-        return super().expected_bytes(n, layer_idx, n_layers, heads, dim, dtype)  # Hk * k slots in all

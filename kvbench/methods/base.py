@@ -148,15 +148,18 @@ class Method:
         """Keep mask (B, Hk, T): per row and head, the protected tokens plus the best-scored ones,
         `keep_count` in all (or the protected count, if larger)."""
         scores = self.score(view).float()
-        B, Hk, T = scores.shape
-        keep = torch.zeros(B, Hk, T, dtype=torch.bool, device=scores.device)
+        keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         for b, n in enumerate(view.n_real):
             k = self.keep_count(n, view.layer_idx, view.n_layers)
             prot = self.protected(view, k, b)
-            k = max(k, int(prot.sum()))
-            s = scores[b].masked_fill(~view.valid[b], float("-inf")).masked_fill(prot, float("inf"))
-            keep[b].scatter_(-1, s.topk(k, dim=-1).indices, True)
+            keep[b] = self.select_row(scores[b].masked_fill(~view.valid[b], float("-inf")), prot,
+                                      max(k, int(prot.sum())))
         return keep
+
+    def select_row(self, scores: torch.Tensor, protected: torch.Tensor, k: int) -> torch.Tensor:
+        """One row's keep mask (Hk, T): each head its `k` best, protected first. Padding scores -inf."""
+        s = scores.masked_fill(protected, float("inf"))
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(k, dim=-1).indices, True)
 
     # --- decoding selection -----------------------------------------------------------------
     def decoding_score(self, attention: torch.Tensor | None, accumulated: torch.Tensor | None,
