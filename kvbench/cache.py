@@ -237,6 +237,8 @@ class KVCache(Cache):
         window = getattr(text, "sliding_window", None)
         layers = [CompressedLayer(window if t == "sliding_attention" else None) for t in types[:n]]
         super().__init__(layers=layers)
+        if method is not None:
+            method.check_model(config)
         self.method = method
         self.segments = segments
         self.capture = capture

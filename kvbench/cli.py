@@ -60,10 +60,16 @@ def cmd_methods(args) -> None:
     if args.json:
         print(json.dumps(methods, indent=1, default=list))
         return
+    from kvbench.methods.compose import STORAGE, evictors
+
     for m in methods:
         phases = "+".join(m["phases"]) or "none"
-        print(f"{m['name']:<14} [{phases}] {m['summary']}")
+        stores = "" if m["stores"] == "dense" else f", stores {m['stores']}"
+        ratio = "" if m["takes_ratio"] else ", no ratio (bytes measured)"
+        print(f"{m['name']:<14} [evicts: {phases}{stores}{ratio}] {m['summary']}")
         print("    " + ", ".join(f"{k}={v!r}" for k, v in m["settings"].items()))
+    print(f"\ncompositions: EVICTION+STORAGE, e.g. snapkv+kivi (ratio: the eviction's; both methods' settings), "
+          f"EVICTION one of {', '.join(evictors())}; STORAGE one of {', '.join(STORAGE)}")
 
 
 def cmd_generate(args) -> None:

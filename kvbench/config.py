@@ -79,12 +79,16 @@ class Experiment:
     name: str = "experiment"
 
     def method_objects(self) -> list:
-        """Every configuration to run besides `full`: each method at each of its ratios / budgets."""
+        """Every configuration to run besides `full`: each method at each of its ratios / budgets (once, for a
+        method that takes no ratio: kivi, minicache)."""
         from kvbench.methods import make_method
 
         out = []
         for m in self.methods:
             if m.name == "full":
+                continue
+            if m.ratios is None and m.budgets is None and not make_method(m.name, **m.settings).takes_ratio:
+                out.append(make_method(m.name, **m.settings))  # kivi, minicache: one configuration, no ratio
                 continue
             ratios = self.ratios if m.ratios is None else m.ratios
             budgets = self.budgets if m.budgets is None else m.budgets

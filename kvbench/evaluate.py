@@ -37,13 +37,19 @@ FULL = make_method("full")
 
 
 def label(method: Method) -> str:
-    """A name for a configuration: "snapkv@0.3", "h2o@budget=128", "shotkv@0.3[prefill_only=True]", "full".
+    """A name for a configuration: "snapkv@0.3", "h2o@budget=128", "shotkv@0.3[prefill_only=True]", "full",
+    "kivi[bits=4]", "snapkv+kivi@0.3".
 
     Settings that differ from the method's defaults are named, so two configurations never share a label.
     """
     if method.name == "full":
         return "full"
-    base = f"{method.name}@budget={method.budget}" if method.budget is not None else f"{method.name}@{method.ratio:g}"
+    if not method.takes_ratio:  # storage alone (kivi, minicache): its byte ratio is measured, not set
+        base = method.name
+    elif method.budget is not None:
+        base = f"{method.name}@budget={method.budget}"
+    else:
+        base = f"{method.name}@{method.ratio:g}"
     defaults = type(method).settings()
     extra = [f"{k}={v}" for k, v in dataclasses.asdict(method).items()
              if k not in ("ratio", "budget") and defaults.get(k) != v]
@@ -256,7 +262,8 @@ def evaluate_sample(model, tokenizer, task: Task, sample: Sample, configs: list[
         kept = cache.kept_after_prefill()[0]
         # The reference agrees with itself; two answers that both fail to parse do not agree.
         agree = 1.0 if m.name == "full" else float(answer is not None and answer == full_answer)
-        rows.append(Row(task.name, sample.id, label(m), m.name, None if m.budget is not None else m.ratio, m.budget,
+        ratio = m.ratio if m.budget is None and m.takes_ratio else None  # none set: kivi's bytes are measured
+        rows.append(Row(task.name, sample.id, label(m), m.name, ratio, m.budget,
                         score, extracted, output, agree, delta_nll, kl, sum(kept) / len(kept), run.enc.lengths[0],
                         cache.nbytes(), cache.full_nbytes(), time.perf_counter() - t0, extra, prompt_hash,
                         prefill_seconds))

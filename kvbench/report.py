@@ -157,7 +157,10 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> list[dict]
         full = full_of.get((model, task_key))
         if full is not None and r0["method"] != "full":
             rec.update(_delta_p(by_sample, full, _rng(seed, model, task_key, config, "full"), n_boot))
-        rec["group"] = f"budget={rec['budget']}" if rec["ratio"] is None else f"ratio={rec['ratio']:g}"
+        if rec["ratio"] is not None:
+            rec["group"] = f"ratio={rec['ratio']:g}"
+        else:  # a budget, or storage alone (kivi, minicache): compared among themselves
+            rec["group"] = f"budget={rec['budget']}" if rec["budget"] is not None else "storage"
         out.append(rec)
     _mark_best(out, groups, n_boot, seed)
     return sorted(out, key=_order)
@@ -249,7 +252,7 @@ def table(summary: list[dict], efficiency: list[dict] | None = None) -> str:
         return "no results"
     w = min(max(6, *(len(s["config"]) for s in summary)), 28)
     head = (f"{'config':<{w}} {'n':>4}  {'score':>5} {'95% CI':<13} {'ΔP':>9} {'95% CI (paired)':<16} {'':<4} "
-            f"{'':<5} {'cache':>5} {'agree':>5} {'KL':>6}")
+            f"{'':<5} {'kept':>5} {'cache':>5} {'agree':>5} {'KL':>6}")
     lines, current = [], None
     for s in summary:
         if (s["model"], s["task_key"]) != current:
@@ -259,10 +262,13 @@ def table(summary: list[dict], efficiency: list[dict] | None = None) -> str:
         vs_full, vs_best = _marks(s)
         ci = f"[{s['score_lo']:.2f}, {s['score_hi']:.2f}]"
         lines.append(f"{s['config'][:w]:<{w}} {s['n']:>4}  {s['score']:5.3f} {ci:<13} {dp:>9} {dp_ci:<16} {vs_full:<4} "
-                     f"{vs_best:<5} {100 * s['cache_fraction']:>4.0f}% {s['agree']:5.2f} {s['kl']:6.3f}")
+                     f"{vs_best:<5} {100 * s['kept_fraction']:>4.0f}% {100 * s['cache_fraction']:>4.0f}% "
+                     f"{s['agree']:5.2f} {s['kl']:6.3f}")
     lines += ["", "score: mean, 95% bootstrap CI over samples. ΔP = (P_c - P_full) / P_full, paired bootstrap 95% CI",
               "on the samples both have; abs = absolute difference (full scored 0). n.s. = ΔP not significant.",
-              "best / ≈best = best score at this ratio / not significantly below it. cache = bytes held / full."]
+              "best / ≈best = best score at this ratio / not significantly below it (storage: among methods that",
+              "take no ratio). kept = prompt tokens kept / prompt; cache = bytes held / full, measured: quantized,",
+              "low-rank and merged caches keep every token in fewer bytes."]
     fronts = pareto(summary)
     if fronts:
         lines += ["", "Pareto frontier per ability (retained score = 1 + ΔP, against bytes saved; most saving first):"]
@@ -328,12 +334,32 @@ def _curve(ax, points: list[tuple], label: str) -> None:
         ax.fill_between(x, lo, hi, alpha=0.12, color=line[0].get_color())
 
 
+def _x(s: dict) -> tuple[str, float] | None:
+    """A compressed config's series and x: its ratio, or for storage alone (kivi, minicache: no ratio is
+    set) the byte ratio it achieved, as a series of its own; None for budgets."""
+    if s["method"] == "full":
+        return None
+    if s["ratio"] is not None:
+        return _series(s["config"]), s["ratio"]
+    if s["group"] == "storage" and not math.isnan(s["cache_fraction"]):
+        return f"{s['config']} (x: bytes)", s["cache_fraction"]
+    return None
+
+
 def _by_ratio(summary: list[dict], key: str) -> dict[str, list[tuple]]:
-    """Per series, (ratio, mean of `key` over tasks) for compressed configs with a ratio."""
+    """Per series, (ratio, mean of `key` over tasks) for compressed configs with a ratio (storage alone: at
+    its mean byte ratio)."""
     acc = defaultdict(list)
+    xs = defaultdict(list)
     for s in summary:
-        if s["method"] != "full" and s["ratio"] is not None:
-            acc[(_series(s["config"]), s["ratio"])].append(s[key])
+        if _x(s) is not None:
+            series, x = _x(s)
+            if s["ratio"] is None:  # one point per storage config: its mean byte ratio over tasks
+                xs[series].append(x)
+                continue
+            acc[(series, x)].append(s[key])
+    for series, vals in xs.items():
+        acc[(series, float(np.mean(vals)))] = [s[key] for s in summary if _x(s) and _x(s)[0] == series]
     out = defaultdict(list)
     for (series, ratio), vals in sorted(acc.items()):
         v = float(np.mean(vals))
@@ -381,14 +407,16 @@ def _plot_scores(plots: _Plots, summary: list[dict]) -> None:
                 ax.axhspan(s["score_lo"], s["score_hi"], color="k", alpha=0.07)
         lines = defaultdict(list)
         for s in here:
-            if s["method"] != "full" and s["ratio"] is not None:
-                lines[_series(s["config"])].append((s["ratio"], s["score"], s["score_lo"], s["score_hi"]))
+            if _x(s) is not None:
+                series, x = _x(s)
+                lines[series].append((x, s["score"], s["score_lo"], s["score_hi"]))
         if not lines and not any(s["method"] == "full" for s in here):
             plots.note(f"{task_key}: score vs ratio", "Nothing to plot: only budget configurations were run.")
             continue
         for name, pts in sorted(lines.items()):
             _curve(ax, pts, name)
-        ax.set(xlabel="ratio (fraction of the cache kept)", ylabel=here[0]["metric"] or "score", ylim=(-0.05, 1.05),
+        ax.set(xlabel="ratio (fraction of the cache kept; storage alone: of its bytes)",
+               ylabel=here[0]["metric"] or "score", ylim=(-0.05, 1.05),
                title=f"{task_key} ({here[0]['ability']}): score, 95% CI")
         ax.legend(fontsize=7)
         plots.add(fig, f"score-{task_key}", f"{task_key}: score vs ratio")

@@ -84,10 +84,13 @@ class Worker:
         self.settings = _method_settings(self.methods)
 
     def check_fits(self) -> None:
-        """Every prompt fits the model's window: fail before any work, naming the task and the fix."""
+        """Every method runs on the model and every prompt fits its window: fail before any work, naming the
+        problem and the fix."""
         from kvbench.generation import encode, max_len
         from kvbench.prompts import build_prompt
 
+        for m in self.methods:
+            m.check_model(self.model.config)
         limit = max_len(self.model)
         for spec, task in zip(self.exp.tasks, self.tasks):
             chat = self.exp.chat if spec.chat is None else spec.chat

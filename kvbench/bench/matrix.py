@@ -42,12 +42,26 @@ class Spec:
     settings: dict = field(default_factory=dict)  # method settings applied to every method (e.g. window_size)
 
     def configs(self) -> list[Method]:
-        """`full` first (the reference), then every method at every ratio."""
+        """`full` first (the reference), then every method at every ratio (once for a method that takes no
+        ratio). `settings` go to the methods that have them."""
         out = [make_method("full")]
+        unknown = set(self.settings) - set().union(*(_settings_of(n) for n in self.methods if n != "full"))
+        if unknown:
+            raise KvbenchError(f"no method here has the setting {', '.join(sorted(unknown))}; "
+                               "`kvbench methods` lists each method's settings")
         for name in self.methods:
-            if name != "full":
-                out += [make_method(name, **self.settings, ratio=r) for r in self.ratios]
+            if name == "full":
+                continue
+            own = {k: v for k, v in self.settings.items() if k in _settings_of(name)}
+            if not make_method(name, **own).takes_ratio:
+                out.append(make_method(name, **own))  # kivi, minicache: their byte ratio is measured
+            else:
+                out += [make_method(name, **own, ratio=r) for r in self.ratios]
         return out
+
+
+def _settings_of(name: str) -> set[str]:
+    return set(type(make_method(name)).settings())
 
 
 def _label(m: Method) -> str:
@@ -105,7 +119,7 @@ def _row(model, model_name: str, m: Method, requested: int, batch: Batch, spec: 
     r = t.records
     B = batch.size
     first = {k: v[0] for k, v in r.items()}
-    ratio = 1.0 if m.name == "full" else (m.ratio if m.budget is None else None)
+    ratio = 1.0 if m.name == "full" else (m.ratio if m.budget is None and m.takes_ratio else None)
     row = {
         "model": model_name, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "config": _label(m), "method": m.name, "ratio": ratio, "budget": m.budget, "length": requested,

@@ -30,9 +30,13 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def kv_bytes(cache) -> int:
-    """Bytes of the keys and values a cache holds (any transformers cache of layers)."""
+    """Bytes of the keys and values a cache holds (any transformers cache of layers; a kvbench layer counts
+    its own storage: packed codes and scales, low-rank coordinates and bases, ragged or merged tensors)."""
     total = 0
     for layer in cache.layers:
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes()
+            continue
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
@@ -63,14 +67,19 @@ def token_bytes(config, dtype: torch.dtype) -> list[int]:
 
 
 def budget_bytes(method, n: int, config, dtype: torch.dtype, batch: int = 1) -> int:
-    """Bytes the budget rule says a prompt of `n` real tokens keeps: per layer `method.keep_count`
-    tokens (every token for a method that does not compress the prefill). Whole-unit methods
-    (ChunkKV, ShotKV) may keep less, never more; sliding-window layers are not modelled."""
+    """Bytes a method's own rule says a prompt of `n` real tokens holds after prefill: per layer
+    `method.expected_bytes` (dense: `keep_count` tokens; quantized, low-rank, merged: their size
+    formulas). Whole-unit methods (ChunkKV, ShotKV) may keep less, never more; MiniCache's rule is
+    before retention; sliding-window layers are not modelled."""
     per = token_bytes(config, dtype)
     L = len(per)
-    if method is None or not method.compresses_prefill:
+    if method is None:
         return batch * n * sum(per)
-    return batch * sum(method.keep_count(n, i, L) * b for i, b in enumerate(per))
+    text = config.get_text_config(decoder=True)
+    n_heads = text.num_attention_heads
+    hk = getattr(text, "num_key_value_heads", None) or n_heads
+    d = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+    return batch * sum(method.expected_bytes(n, i, L, hk, d, dtype) for i in range(L))
 
 
 # --- peak memory ------------------------------------------------------------------------------

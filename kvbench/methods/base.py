@@ -78,6 +78,7 @@ class Method:
     shares_prefill: ClassVar[bool] = True  # False: the method changes the prefill computation itself
     takes_ratio: ClassVar[bool] = True  # False: `ratio`/`budget` mean nothing (storage alone: kivi, minicache)
     stores: ClassVar[str] = ""  # how kept tokens are stored, when not as dense tensors ("quantized", ...)
+    hidden_settings: ClassVar[tuple[str, ...]] = ()  # inherited settings the method refuses: not listed
 
     def __post_init__(self) -> None:
         _check_fraction("ratio", self.ratio)
@@ -189,6 +190,9 @@ class Method:
         return s.topk(n_keep, dim=-1).indices.sort(-1).values
 
     # --- storage ----------------------------------------------------------------------------
+    def check_model(self, config) -> None:
+        """Raise `KvbenchError` if this method cannot run on a model of `config` (checked before any work)."""
+
     def codec(self, layer_idx: int, n_layers: int, scratch: dict):
         """The layer's storage after prefill (a `kvbench.storage.Codec`), or None for dense tensors."""
         return None
@@ -237,5 +241,15 @@ def make_method(name: str | Method, **settings) -> Method:
 def list_methods() -> list[dict]:
     """Every registered method: name, summary, phases, storage, whether it takes a ratio, settings with defaults."""
     return [{"name": n, "summary": c.summary(), "phases": list(c.phases), "stores": c.stores or "dense",
-             "takes_ratio": c.takes_ratio, "settings": c.settings()}
+             "takes_ratio": c.takes_ratio, "settings": _shown_settings(c)}
             for n, c in sorted(REGISTRY.items())]
+
+
+def _shown_settings(cls: type[Method]) -> dict[str, object]:
+    """Settings worth listing: a method that evicts nothing has no use for the eviction ones."""
+    hide = set(cls.hidden_settings)
+    if not cls.phases:
+        hide |= {"budget", "protect", "decoding_ratio", "decoding_budget", "decoding_every"}
+    if not cls.takes_ratio:
+        hide.add("ratio")
+    return {k: v for k, v in cls.settings().items() if k not in hide}

@@ -56,6 +56,13 @@ class KiviStorage:
             raise KvbenchError(f"residual={self.residual} must be a multiple of group_size={self.group_size} "
                                "(keys are quantized in whole groups when the residual fills)")
 
+    def check_model(self, config) -> None:
+        text = config.get_text_config(decoder=True)
+        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if dim % self.group_size:
+            raise KvbenchError(f"{self.name}: group_size={self.group_size} must divide the model's head dim {dim}; "
+                               f"set group_size to a divisor such as {dim // 2}")
+
     def codec(self, layer_idx: int, n_layers: int, scratch: dict) -> Kivi:
         # With decoding-phase eviction on, generated tokens may still be evicted: only the prompt is quantized.
         return Kivi(self.bits, self.group_size, self.residual, prompt_only=self.compresses_decoding)

@@ -67,6 +67,7 @@ class LowRankKV(LowRankStorage, Method):
     """Every token kept; keys and values stored as rank-(ratio x head dim) coordinates in a per-head SVD basis."""
 
     phases = ()
+    hidden_settings = ("rank_ratio",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
