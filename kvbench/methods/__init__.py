@@ -16,6 +16,6 @@ from kvbench.methods import (  # noqa: F401  (fills the registry)
     snapkv,
     streamingllm,
 )
-from kvbench.methods.base import REGISTRY, Method, keep_count, list_methods, make_method, register
+from kvbench.methods.base import REGISTRY, Method, configure, keep_count, list_methods, make_method, register
 
-__all__ = ["REGISTRY", "Method", "keep_count", "list_methods", "make_method", "register"]
+__all__ = ["REGISTRY", "Method", "configure", "keep_count", "list_methods", "make_method", "register"]

@@ -238,6 +238,29 @@ def make_method(name: str | Method, **settings) -> Method:
         raise KvbenchError(f"bad settings for {name}: {e}") from None
 
 
+def configure(names: list[str], settings: dict, ratios: list[float] | None = None) -> list[Method]:
+    """Configurations of several methods sharing one set of `settings`: each method takes the settings it
+    has (one none has is an error), at each of `ratios` (or `settings`' ratio/budget); a method that takes no
+    ratio (kivi, minicache) is configured once. Used where one command line sets up many methods."""
+    classes = {n: type(make_method(n)) for n in names}
+    known = set().union(*(set(c.settings()) for c in classes.values())) | {"ratio", "budget"}
+    unknown = set(settings) - known
+    if unknown:
+        raise KvbenchError(f"no method here has the setting {', '.join(sorted(unknown))}; "
+                           "`kvbench methods` lists each method's settings")
+    out = []
+    for name, cls in classes.items():
+        own = {k: v for k, v in settings.items() if k in cls.settings()}
+        if not cls.takes_ratio or name == "full":
+            own = {k: v for k, v in own.items() if k not in ("ratio", "budget")}
+            out.append(make_method(name, **own))
+        elif ratios:
+            out += [make_method(name, **own, ratio=r) for r in ratios]
+        else:
+            out.append(make_method(name, **own))
+    return out
+
+
 def list_methods() -> list[dict]:
     """Every registered method: name, summary, phases, storage, whether it takes a ratio, settings with defaults."""
     return [{"name": n, "summary": c.summary(), "phases": list(c.phases), "stores": c.stores or "dense",
