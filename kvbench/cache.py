@@ -66,21 +66,22 @@ class CompressedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.keys is None:  # parked in a codec since the last pass: dense again, for this pass only
-            self.keys, self.values = self.codec.load(self)
         B, H, q, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
         new_pos = new_pos.expand(B, H, q)
         new_valid = torch.ones(B, 1 if self.valid is None else self.valid.shape[1], q,
                                dtype=torch.bool, device=key_states.device)
-        if self.keys.numel() == 0:
+        if self.keys is not None and self.keys.numel() == 0:
             # Own copies: the model's tensors may be views into a larger one (Phi-3's fused qkv), which
             # would stay alive and make nbytes() undercount.
             self.keys, self.values = key_states.clone(), value_states.clone()
             self.pos, self.valid = new_pos, new_valid
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+            if self.keys is None:  # parked in a codec since the last pass: dense again, for this pass only
+                self.keys, self.values = self.codec.load(self, key_states, value_states)
+            else:
+                self.keys = torch.cat([self.keys, key_states], dim=-2)
+                self.values = torch.cat([self.values, value_states], dim=-2)
             self.pos = torch.cat([self.pos, new_pos], dim=-1)
             self.valid = torch.cat([self.valid, new_valid], dim=-1)
             if self.accumulated is not None:

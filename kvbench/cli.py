@@ -314,15 +314,13 @@ def cmd_bench(args) -> None:
     import os
 
     from kvbench.bench import Spec, TargetSpec, bench, render
-    from kvbench.methods import make_method
 
     methods = _names(args.methods) or Spec().methods
     ratios = _numbers(args.ratios, float, "ratios") or Spec().ratios
-    for name in methods:
-        for r in ratios:
-            make_method(name, ratio=r)  # unknown names and bad ratios fail here, before the model loads
     spec = Spec(methods=methods, ratios=ratios, lengths=_numbers(args.lengths, int, "lengths") or Spec().lengths,
-                gen=args.gen, batches=_numbers(args.batch, int, "batch") or [1], repeats=args.repeats)
+                gen=args.gen, batches=_numbers(args.batch, int, "batch") or [1], repeats=args.repeats,
+                settings=_pairs(args.set, "--set", "bits=4"))
+    spec.configs()  # unknown names or settings and bad ratios fail here, before the model loads
     if spec.gen < 2 or spec.repeats < 1 or min(spec.batches) < 1:
         raise KvbenchError("--gen must be >= 2, --repeats and --batch >= 1")
     targets = TargetSpec(repeats=max(args.repeats, 5)) if args.targets or args.targets_only else None
@@ -414,6 +412,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--methods", help="comma-separated (default: streamingllm,h2o,snapkv,pyramidkv,chunkkv,shotkv)")
     p.add_argument("--ratios", help="comma-separated fractions kept (default: 0.1,0.3)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a setting for the methods that have it (e.g. window_size=16, bits=4); repeatable")
     p.add_argument("--lengths", help="prompt tokens, comma-separated (default: 1024,4096; capped to the window)")
     p.add_argument("--gen", type=int, default=64, help="tokens generated per configuration")
     p.add_argument("--batch", help="batch sizes, comma-separated (default: 1; e.g. 1,8)")

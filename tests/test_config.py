@@ -100,7 +100,7 @@ def test_method_ratios_override_the_config():
                    ("streamingllm", 0.1, None), ("streamingllm", 0.5, None), ("streamingllm", 1.0, 64)]
 
 
-@pytest.mark.parametrize("name", ["quick", "manyshot", "paper"])
+@pytest.mark.parametrize("name", ["quick", "manyshot", "paper", "storage"])
 def test_shipped_configs_validate_and_dry_run_offline(name, capsys, tmp_path):
     """paper.yaml needs CUDA and the hub: its dry run validates what can be checked here."""
     assert main(["run", name, "--dry-run", "--out", str(tmp_path)]) == 0

@@ -26,14 +26,21 @@ import torch
 
 
 class Codec:
-    """One layer's compact storage. Subclasses implement `store`, `load`, `nbytes`, `tensors`."""
+    """One layer's compact storage. Subclasses implement `store`, `dense` (or `load`), `tensors`."""
 
     prompt_only: bool = False  # True: only the prompt's slots are final (decoding eviction is on)
 
     def store(self, layer, frozen: int) -> None:
         raise NotImplementedError
 
-    def load(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, layer, new_k: torch.Tensor | None = None,
+             new_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot held, dense (B, H, T, D), followed by the new slots `new_k` / `new_v` when given (the
+        pass's own tokens: built in one buffer where the codec can, instead of a copy more)."""
+        k, v = self.dense(layer)
+        return cat(k, new_k), cat(v, new_v)
+
+    def dense(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
@@ -55,6 +62,21 @@ class Codec:
         for name, t in self.tensors().items():
             if t is not None:
                 setattr(self, name, t.expand(n, *t.shape[1:]))
+
+
+def assemble(head: int, parts: list[torch.Tensor | None], like: torch.Tensor, shape: tuple[int, int, int],
+             zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (B, H, head + parts, D) buffer whose first `head` slots the caller fills (in place, e.g. `out=`),
+    with `parts` (B, H, n, D) copied after them; returns (buffer, its head view)."""
+    parts = [p for p in parts if p is not None]
+    B, H, D = shape
+    make = torch.zeros if zero else torch.empty
+    buf = make(B, H, head + sum(p.shape[2] for p in parts), D, dtype=like.dtype, device=like.device)
+    at = head
+    for p in parts:
+        buf[:, :, at:at + p.shape[2]] = p
+        at += p.shape[2]
+    return buf, buf[:, :, :head]
 
 
 def tail(t: torch.Tensor | None, start: int) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.storage import Codec, cat, size_of, tail
+from kvbench.storage import Codec, assemble, cat, size_of, tail
 
 
 def basis(x: torch.Tensor, valid: torch.Tensor | None, rank: int) -> torch.Tensor:
@@ -53,10 +53,15 @@ class LowRank(Codec):
         self.k_tail, self.v_tail = tail(keys, self.n), tail(values, self.n)
         layer.keys = layer.values = None
 
-    def load(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.k_coords @ self.k_basis.transpose(-1, -2)
-        v = self.v_coords @ self.v_basis.transpose(-1, -2)
-        return cat(k, self.k_tail), cat(v, self.v_tail)
+    def load(self, layer, new_k: torch.Tensor | None = None,
+             new_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for coords, U, full, new, D in ((self.k_coords, self.k_basis, self.k_tail, new_k, layer.k_dim),
+                                        (self.v_coords, self.v_basis, self.v_tail, new_v, layer.v_dim)):
+            buf, head = assemble(coords.shape[2], [full, new], coords, (*coords.shape[:2], D))
+            torch.matmul(coords, U.transpose(-1, -2), out=head)  # reconstructed straight into the buffer
+            out.append(buf)
+        return out[0], out[1]
 
 
 def rank_of(dim: int, fraction: float) -> int:

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from kvbench.storage import Codec, cat
-from kvbench.storage.ragged import pack, select_rows, unpack
+from kvbench.storage import Codec, assemble, cat
+from kvbench.storage.ragged import pack, select_rows
 
 EPS = 1e-6
 
@@ -81,14 +81,12 @@ class Pair:
             self.mag[i][which] = cat(self.mag[i][which], (ma, mb)[i].to(dtype), dim=2)
             self.kept[i][which] = cat(self.kept[i][which], pack(x, keep), dim=0)
 
-    def restore(self, i: int, which: str, dim: int) -> torch.Tensor | None:
-        """Layer i's merged slots (B, H, n, D): magnitude times shared direction, retained vectors put back."""
-        if self.dir[which] is None:
-            return None
-        x = self.dir[which] * self.mag[i][which][..., None]
+    def restore(self, i: int, which: str, out: torch.Tensor) -> None:
+        """Write layer i's merged slots into `out` (B, H, n, D): magnitude times shared direction, retained
+        vectors put back."""
+        torch.mul(self.dir[which], self.mag[i][which][..., None], out=out)
         if self.kept[i][which].shape[0]:
-            x = torch.where(self.mask[which][..., None], unpack(self.kept[i][which], self.mask[which], dim), x)
-        return x
+            out[self.mask[which]] = self.kept[i][which]
 
     def tensors(self, i: int) -> list[torch.Tensor]:
         """Tensors counted for layer i: the shared ones (direction, masks, pending) go to layer a."""
@@ -152,12 +150,18 @@ class Merged(Codec):
             p.pending["k"] = p.pending["v"] = None
         layer.keys = layer.values = None
 
-    def load(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, layer, new_k: torch.Tensor | None = None,
+             new_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pair
-        k, v = p.restore(self.i, "k", layer.k_dim), p.restore(self.i, "v", layer.v_dim)
-        if self.i == 0:
-            k, v = cat(k, p.pending["k"]), cat(v, p.pending["v"])
-        return k, v
+        out = []
+        for w, new, D in (("k", new_k, layer.k_dim), ("v", new_v, layer.v_dim)):
+            pending = p.pending[w] if self.i == 0 else None
+            like = layer.pos.new_empty(0, dtype=layer.dtype)
+            buf, head = assemble(p.n, [pending, new], like, (*layer.pos.shape[:2], D))
+            if p.n:
+                p.restore(self.i, w, head)
+            out.append(buf)
+        return out[0], out[1]
 
     def select(self, layer, indices: torch.Tensor) -> None:
         if self.i == 0:

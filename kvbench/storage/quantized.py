@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.storage import Codec, cat, size_of, tail
+from kvbench.storage import Codec, assemble, cat, size_of, tail
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -107,21 +107,26 @@ class Kivi(Codec):
         self.k_tail, self.v_tail = tail(keys, self.n_k), tail(values, self.n_v)
         layer.keys = layer.values = None
 
-    def load(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype, b, G = layer.dtype, self.bits, self.G
-        k = v = None
-        if self.k_codes is not None:
-            codes = unpack(self.k_codes, b)
-            B, H, T, D = codes.shape
-            k = dequantize(codes.view(B, H, T // G, G, D), self.k_scale[:, :, :, None], self.k_min[:, :, :, None],
-                           dtype).view(B, H, T, D)
-        if self.v_codes is not None:
-            codes = unpack(self.v_codes, b)
-            B, H, T, D = codes.shape
-            v = dequantize(codes.view(B, H, T, D // G, G), self.v_scale[..., None], self.v_min[..., None],
-                           dtype).view(B, H, T, D)
-        return cat(k, self.k_tail), cat(v, self.v_tail)
-
+    def load(self, layer, new_k: torch.Tensor | None = None,
+             new_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # One buffer per tensor, dequantized in place (a decoding step reads the whole cache: fewer passes
+        # over it and no temporaries keep this cheap); the pass's new slots are written at its end.
+        out = []
+        for codes, scale, mn, full, new, per_channel in (
+                (self.k_codes, self.k_scale, self.k_min, self.k_tail, new_k, True),
+                (self.v_codes, self.v_scale, self.v_min, self.v_tail, new_v, False)):
+            n = 0 if codes is None else codes.shape[2]
+            B, H = layer.pos.shape[:2]
+            D = layer.k_dim if per_channel else layer.v_dim
+            buf, q = assemble(n, [full, new], layer.pos.new_empty(0, dtype=layer.dtype), (B, H, D))
+            if codes is not None:
+                if per_channel:  # groups of G tokens per channel
+                    q, scale, mn = q.view(B, H, n // self.G, self.G, D), scale[:, :, :, None], mn[:, :, :, None]
+                else:  # groups of G channels per token
+                    q, scale, mn = q.view(B, H, n, D // self.G, self.G), scale[..., None], mn[..., None]
+                q.copy_(unpack(codes, self.bits).view(q.shape)).mul_(scale).add_(mn)
+            out.append(buf)
+        return out[0], out[1]
 
 def kivi_bytes(n: int, heads: int, dim: int, dtype: torch.dtype, bits: int, group_size: int, residual: int) -> int:
     """Bytes one row of `n` tokens holds in one layer under KIVI (the rule `Kivi.store` follows)."""

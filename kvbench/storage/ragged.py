@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.storage import Codec, tail
+from kvbench.storage import Codec, assemble, tail
 
 
 def pack(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, H, T, D) -> (N, D): the slots where `mask` (B, H, T) is True, in (row, head, slot) order."""
     return x[mask.expand(x.shape[:3])]
-
-
-def unpack(packed: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Inverse of `pack`: zeros where `mask` is False (those slots are masked out of attention)."""
-    out = packed.new_zeros(*mask.shape, dim)
-    out[mask] = packed
-    return out
 
 
 def select_rows(packed: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -56,12 +49,18 @@ class Ragged(Codec):
         self.k_tail, self.v_tail = tail(layer.keys, self.P), tail(layer.values, self.P)
         layer.keys = layer.values = None
 
-    def load(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, layer, new_k: torch.Tensor | None = None,
+             new_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # One zeroed buffer per tensor: the packed slots scattered back (filler slots stay 0, masked anyway),
+        # then the tail and the pass's new slots.
         mask = self._mask(layer)
-        k, v = unpack(self.k_packed, mask, layer.k_dim), unpack(self.v_packed, mask, layer.v_dim)
-        if self.k_tail is not None:
-            k, v = torch.cat([k, self.k_tail], dim=2), torch.cat([v, self.v_tail], dim=2)
-        return k, v
+        out = []
+        for packed, full, new, D in ((self.k_packed, self.k_tail, new_k, layer.k_dim),
+                                     (self.v_packed, self.v_tail, new_v, layer.v_dim)):
+            buf, head = assemble(self.P, [full, new], packed, (*mask.shape[:2], D), zero=True)
+            head[mask] = packed
+            out.append(buf)
+        return out[0], out[1]
 
     def select(self, layer, indices: torch.Tensor) -> None:
         mask = self._mask(layer)
