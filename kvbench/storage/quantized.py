@@ -34,7 +34,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: uint8 codes, last dim 8 / bits times longer."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    c = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    c = packed[..., None] >> shifts
+    c &= (1 << bits) - 1
     return c.view(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
