@@ -92,6 +92,21 @@ def test_peak_memory_is_attributed_to_the_block_that_allocates():
     assert small.delta < 8 * 2**20
 
 
+def test_the_peak_is_live_memory_not_heap_holes():
+    """Freeing a 32 MiB tensor raises glibc's mmap threshold, so 1 MiB tensors come from its heap; freeing
+    every other one leaves holes too small for 1.5 MiB tensors, which grow the heap. Live memory peaks at
+    40 MiB (16 x 1 + 16 x 1.5); a heap that keeps its holes resident would show 56."""
+    MiB = 2**20
+    big = torch.ones(8 * MiB)
+    del big
+    with PeakMemory("cpu") as m:
+        a = [torch.ones(MiB // 4) for _ in range(32)]  # 32 x 1 MiB
+        del a[::2]
+        b = [torch.ones(3 * MiB // 8) for _ in range(16)]  # 16 x 1.5 MiB
+        del a, b
+    assert 32 * MiB <= m.delta < 46 * MiB, m.delta / MiB
+
+
 # --- timing --------------------------------------------------------------------------------------
 
 

@@ -84,21 +84,23 @@ def run_matrix(model, tokenizer, spec: Spec, model_name: str = "", log: Callable
             batches[B] = batch = Batch.of(tokenizer, bench_prompts(tokenizer, n, B), device)
             warm = Batch.of(tokenizer, bench_prompts(tokenizer, min(n, WARMUP_TOKENS), B), device)
             for i, m in enumerate(configs):
-                trials[i, B] = Trial(f"{_label(m)}/b{B}", partial(run_config, model, batch, m, spec.gen),
+                trials[i, B] = Trial(f"{_label(m)}/b{B}", partial(run_config, model, batch, m, spec.gen, memory=False),
                                      warm=partial(run_config, model, warm, m, 4, memory=False))
         if log:
             log(f"\n== prompt {max(b.input_ids.shape[1] for b in batches.values())} tokens (asked {requested}), "
                 f"batch {','.join(map(str, spec.batches))}, {len(configs)} configurations, gen {spec.gen}, "
                 f"{spec.repeats} repeats")
         interleave(f"{n}", list(trials.values()), spec.repeats, log=log, show="total_s")
+        # Peak memory in a pass of its own per configuration: measuring it slows the run (memory.PeakMemory).
+        peaks = {key: run_config(model, batches[key[1]], configs[key[0]], spec.gen) for key in trials}
         for (i, B), t in trials.items():
             rows.append(_row(model, model_name, configs[i], requested, batches[B], spec, t, trials[0, B],
-                             trials.get((i, 1))))
+                             trials.get((i, 1)), peaks[i, B], peaks[0, B]))
     return rows
 
 
 def _row(model, model_name: str, m: Method, requested: int, batch: Batch, spec: Spec, t: Trial, full: Trial,
-         b1: Trial | None) -> dict:
+         b1: Trial | None, peak: dict, full_peak: dict) -> dict:
     r = t.records
     B = batch.size
     first = {k: v[0] for k, v in r.items()}
@@ -117,10 +119,9 @@ def _row(model, model_name: str, m: Method, requested: int, batch: Batch, spec: 
     row["cache_fraction_end"] = row["kv_bytes_end"] / row["full_bytes_end"]
     row["cache_vs_budget"] = row["kv_bytes_prefill"] / row["budget_bytes_prefill"]
     row["cache_vs_ratio"] = row["cache_fraction_prefill"] / ratio if ratio else None
-    if "peak_bytes" in r:
-        row["peak_bytes"] = statistics.median(r["peak_bytes"])
-        _spread(row, "peak_delta_bytes", summary(r["peak_delta_bytes"]))
-        _spread(row, "peak_delta_vs_full", paired(r["peak_delta_bytes"], full.records["peak_delta_bytes"]))
+    if "peak_bytes" in peak:  # one untimed pass (see run_matrix)
+        row["peak_bytes"], row["peak_delta_bytes"] = peak["peak_bytes"], peak["peak_delta_bytes"]
+        row["peak_delta_vs_full"] = peak["peak_delta_bytes"] / max(1, full_peak["peak_delta_bytes"])
     _spread(row, "prefill_s", summary(r["prefill_s"]))
     _spread(row, "prefill_vs_full", paired(r["prefill_s"], full.records["prefill_s"]))
     row["compress_s"] = statistics.median(r["compress_s"])

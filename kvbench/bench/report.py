@@ -71,6 +71,14 @@ def write_json(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
+def _x(row: dict) -> float | None:
+    """Where a row goes on a ratio axis: its ratio, or, for a method that sets none (kivi, minicache), the
+    byte ratio it achieved; None for budgets."""
+    if row.get("ratio") is not None:
+        return row["ratio"]
+    return row["cache_fraction_prefill"] if row.get("budget") is None else None
+
+
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     """PNG plots against the ratio, one line per method, one column per prompt length (batch 1):
     cache fraction and peak memory added (memory), prefill and decoding time against full (speed)."""
@@ -79,7 +87,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["batch"] == 1 and r.get("ratio") is not None]
+    rows = [{**r, "x": _x(r)} for r in rows if r["batch"] == 1 and _x(r) is not None]
     lengths = sorted({r["length"] for r in rows})
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "full"]
     if not lengths or not methods:
@@ -98,7 +106,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             for i, (key, title, diagonal) in enumerate(specs):
                 ax = axes[i][j]
                 for m in methods:
-                    pts = sorted((r["ratio"], r[key], r.get(key + "_min"), r.get(key + "_max")) for r in rows
+                    pts = sorted((r["x"], r[key], r.get(key + "_min"), r.get(key + "_max")) for r in rows
                                  if r["method"] == m and r["length"] == length and r.get(key) is not None)
                     if not pts:
                         continue
@@ -114,7 +122,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                     ax.axhline(1.0, ls=":", c="grey")
                 ax.set_xlim(0, 1.05)
                 ax.set_title(f"{title}\n{length} tokens", fontsize=9)
-                ax.set_xlabel("ratio (fraction kept)")
+                ax.set_xlabel("ratio (fraction kept; kivi, minicache: of bytes)")
                 ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
