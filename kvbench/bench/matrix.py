@@ -92,6 +92,9 @@ def run_matrix(model, tokenizer, spec: Spec, model_name: str = "", log: Callable
                 f"{spec.repeats} repeats")
         interleave(f"{n}", list(trials.values()), spec.repeats, log=log, show="total_s")
         # Peak memory in a pass of its own per configuration: measuring it slows the run (memory.PeakMemory).
+        # One discarded pass first: whatever the process allocates once for a prompt this long stays out.
+        for batch in batches.values():
+            run_config(model, batch, configs[0], spec.gen)
         peaks = {key: run_config(model, batches[key[1]], configs[key[0]], spec.gen) for key in trials}
         for (i, B), t in trials.items():
             rows.append(_row(model, model_name, configs[i], requested, batches[B], spec, t, trials[0, B],
