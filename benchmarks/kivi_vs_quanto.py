@@ -10,15 +10,11 @@ bytes are per quantized value (codes + scales + minima) and for the whole cache,
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from prompt_capture import capture
 from transformers import QuantizedCache
 
-import kvbench
-from kvbench.generation import encode
 from kvbench.methods import make_method
-from kvbench.prompts import read_prompt_file
 
 
 def rel(pairs) -> float:
@@ -26,13 +22,7 @@ def rel(pairs) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--prompt-file", default="examples/gsm8k-8shot.json")
-    args = ap.parse_args()
-    model, tok = kvbench.load_model(args.model)
-    enc = encode(tok, [read_prompt_file(args.prompt_file)])
-    captured = kvbench.prefill(model, enc.input_ids, enc.attention_mask)
+    args, model, tok, enc, captured = capture(__doc__)
     full = captured.cache.layers
     print(f"{args.model}, {enc.lengths[0]} tokens; relative error on the tokens both quantize")
     print("bits  keys kivi  keys quanto  values kivi  values quanto  bytes/value kivi  quanto  cache kivi  quanto")

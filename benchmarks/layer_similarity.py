@@ -10,15 +10,11 @@ by a shared direction per token: it preserves a model only where these cosines a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import torch
-
-import kvbench
-from kvbench.generation import encode
-from kvbench.prompts import read_prompt_file
+from prompt_capture import capture
 
 
 def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -26,14 +22,8 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--prompt-file", default="examples/gsm8k-8shot.json")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    model, tok = kvbench.load_model(args.model)
-    enc = encode(tok, [read_prompt_file(args.prompt_file)])
-    layers = kvbench.prefill(model, enc.input_ids, enc.attention_mask).cache.layers
+    args, model, tok, enc, captured = capture(__doc__, lambda ap: ap.add_argument("--json", action="store_true"))
+    layers = captured.cache.layers
     rows = []
     for i in range(len(layers) - 1):
         a, b = layers[i], layers[i + 1]

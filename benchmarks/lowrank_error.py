@@ -8,24 +8,14 @@ For each ratio (rank = ratio x head dim), the relative Frobenius error of the ke
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from prompt_capture import capture
 
-import kvbench
-from kvbench.generation import encode
 from kvbench.methods import make_method
-from kvbench.prompts import read_prompt_file
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--prompt-file", default="examples/gsm8k-8shot.json")
-    args = ap.parse_args()
-    model, tok = kvbench.load_model(args.model)
-    enc = encode(tok, [read_prompt_file(args.prompt_file)])
-    captured = kvbench.prefill(model, enc.input_ids, enc.attention_mask)
+    args, model, tok, enc, captured = capture(__doc__)
     print(f"{args.model}, {enc.lengths[0]} tokens\nratio  key error  value error  bytes")
     for ratio in (0.25, 0.5, 0.75):
         cache = captured.compress(make_method("lowrank", ratio=ratio))
