@@ -143,18 +143,11 @@ def cmd_tasks(args) -> None:
 
 
 def _methods(args) -> list:
-    from kvbench.methods import make_method
+    from kvbench.methods import configure
 
-    names = args.methods.split(",") if args.methods else [args.method]
-    ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else [args.ratio]
-    settings = _settings(args)
-    out = []
-    for name in names:
-        if name == "full":
-            continue
-        for r in ratios if args.budget is None else [None]:
-            out.append(make_method(name, **{**settings, **({"ratio": r} if r is not None else {})}))
-    return out
+    names = [n for n in (args.methods.split(",") if args.methods else [args.method]) if n != "full"]
+    ratios = _numbers(args.ratios, float, "ratios") if args.ratios and args.budget is None else None
+    return configure(names, _settings(args), ratios) if names else []
 
 
 def cmd_eval(args) -> None:

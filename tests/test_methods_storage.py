@@ -146,7 +146,8 @@ def test_bytes_after_prefill_follow_the_methods_size_rule(arch, name):
         expected = m.expected_bytes(n, i, cache.n_layers, layer.heads, D, torch.float32)
         if name == "minicache" and layer.codec is not None and layer.codec.pair.n:  # + what retention kept
             expected = pair_bytes(layer.codec.i, n, layer.heads, D, torch.float32)  # roles around sliding layers
-            expected += sum(int(layer.codec.pair.mask[w].sum()) for w in "kv") * D * 4
+            retained = sum(int(layer.codec.pair.index[w].shape[0]) for w in "kv")
+            expected += retained * (D * 4 + (3 * 4 if layer.codec.i == 0 else 0))  # vectors; indices in the first
         assert layer.nbytes() == expected, f"layer {i}"
     assert cache.nbytes() < cache.full_nbytes()
 
@@ -283,3 +284,24 @@ def test_storage_methods_take_no_ratio_and_check_their_settings():
 
 def test_six_architectures_are_covered():
     assert len(ARCHS) == 6
+
+
+def test_minicache_pairs_consecutive_full_attention_layers_across_sliding_ones():
+    """Sliding-window layers never ask for a codec: full-attention layers 1, 3, 5, 7 of 8 pair as (1, 3), (5, 7)."""
+    m, scratch = make_method("minicache", start=0.0), {}
+    codecs = {i: m.codec(i, 8, scratch) for i in (1, 3, 5, 7)}
+    assert [(c.i, id(c.pair)) for c in codecs.values()] == [
+        (0, id(codecs[1].pair)), (1, id(codecs[1].pair)), (0, id(codecs[5].pair)), (1, id(codecs[5].pair))]
+    assert codecs[1].pair is not codecs[5].pair
+
+
+def test_the_command_line_configures_storage_methods_beside_eviction():
+    from types import SimpleNamespace
+
+    from kvbench.cli import _methods
+
+    args = SimpleNamespace(methods="snapkv,kivi,lowrank,snapkv+lowrank", method=None, ratios="0.3,0.6", ratio=None,
+                           budget=None, set=["rank_ratio=0.25", "bits=4"])
+    assert [label(m) for m in _methods(args)] == [
+        "snapkv@0.3", "snapkv@0.6", "kivi[bits=4]", "lowrank@0.3", "lowrank@0.6",
+        "snapkv+lowrank@0.3[rank_ratio=0.25]", "snapkv+lowrank@0.6[rank_ratio=0.25]"]

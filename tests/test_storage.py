@@ -235,7 +235,7 @@ def test_minicache_restores_magnitudes_exactly_directions_within_the_threshold()
     pair, a, b = merged_pair(xa, xb, t, gamma)
     d = angle(xa, xb) / math.pi
     thr = d.max() - gamma * (d.max() - d.min())
-    retained = pair.mask["k"][0]
+    retained = pair.retained("k")[0]
     assert torch.equal(retained, (d >= thr)[0]) and bool(retained[:, 7].all())
     for layer, x, share in ((a, xa, t), (b, xb, 1 - t)):
         k, _ = layer.codec.load(layer)
@@ -248,11 +248,12 @@ def test_minicache_restores_magnitudes_exactly_directions_within_the_threshold()
 def test_minicache_gamma_zero_merges_all_gamma_one_retains_all():
     xa, xb = torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8)
     pair, a, b = merged_pair(xa, xb, gamma=0.0)
-    assert not bool(pair.mask["k"].any())
-    # shared direction 10x8 + magnitudes 2x10 + mask 10 bools, for keys and for values
-    assert a.nbytes() + b.nbytes() == 2 * ((10 * 8 + 2 * 10) * 4 + 10)
+    assert not bool(pair.retained("k").any())
+    # shared direction 10x8 + magnitudes 2x10, for keys and for values
+    assert a.nbytes() + b.nbytes() == 2 * (10 * 8 + 2 * 10) * 4
     pair, a, b = merged_pair(xa, xb, gamma=1.0)
-    assert bool(pair.mask["k"].all())
+    assert bool(pair.retained("k").all())
+    assert a.nbytes() + b.nbytes() == 2 * ((10 * 8 + 2 * 10) * 4 + 10 * (2 * 8 * 4 + 3 * 4))  # + vectors, indices
     assert torch.equal(a.codec.load(a)[0], xa) and torch.equal(b.codec.load(b)[0], xb)
 
 
@@ -265,3 +266,28 @@ def test_minicache_merges_generated_tokens_step_by_step():
         kb, _ = step(b, torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
         assert pair.pending["k"] is None and ka.shape == kb.shape
     assert pair.n == 13 and pair.dir["k"].shape == (1, 1, 13, 8)
+
+
+def test_minicache_restores_retained_tokens_in_their_own_slots_after_decoding_steps():
+    """Retained tokens of later merges (decoding) interleave with earlier ones in (row, head, slot) order:
+    each must come back in its own slot, in every head and row, also after selecting rows."""
+    g = torch.Generator().manual_seed(5)
+    xa, xb = torch.randn(2, 3, 6, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
+    pair, a, b = merged_pair(xa, xb, gamma=0.5)
+    na, nb = [xa], [xb]
+    for _ in range(3):
+        ka, kb = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
+        step(a, ka, ka)
+        step(b, kb, kb)
+        na.append(ka)
+        nb.append(kb)
+    full_a, full_b = torch.cat(na, dim=2), torch.cat(nb, dim=2)
+    kept = pair.retained("k")
+    assert int(kept[:, :, 6:].sum()) > 0  # decoding steps retained some tokens too
+    for layer, full in ((a, full_a), (b, full_b)):
+        k, _ = layer.codec.load(layer)
+        assert torch.equal(k[kept], full[kept])
+    a.batch_select_indices(torch.tensor([1]))
+    b.batch_select_indices(torch.tensor([1]))
+    k, _ = b.codec.load(b)
+    assert torch.equal(k[0][kept[1]], full_b[1][kept[1]])

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from kvbench.bench.measure import Trial, interleave, paired, summary
+from kvbench.bench.peak import key as peak_key
+from kvbench.bench.peak import measure as measure_peaks
 from kvbench.bench.run import Batch, run_config
 from kvbench.bench.workload import bench_prompts
 from kvbench.errors import KvbenchError
@@ -76,6 +78,7 @@ def run_matrix(model, tokenizer, spec: Spec, model_name: str = "", log: Callable
     device = model.device
     configs = spec.configs()
     rows: list[dict] = []
+    fresh = _fresh_peaks(model, model_name, spec, log)
     for requested in spec.lengths:
         n = prompt_length(model, requested, spec.gen)
         trials: dict[tuple[int, int], Trial] = {}
@@ -91,15 +94,33 @@ def run_matrix(model, tokenizer, spec: Spec, model_name: str = "", log: Callable
                 f"batch {','.join(map(str, spec.batches))}, {len(configs)} configurations, gen {spec.gen}, "
                 f"{spec.repeats} repeats")
         interleave(f"{n}", list(trials.values()), spec.repeats, log=log, show="total_s")
-        # Peak memory in a pass of its own per configuration: measuring it slows the run (memory.PeakMemory).
-        # One discarded pass first: whatever the process allocates once for a prompt this long stays out.
-        for batch in batches.values():
-            run_config(model, batch, configs[0], spec.gen)
-        peaks = {key: run_config(model, batches[key[1]], configs[key[0]], spec.gen) for key in trials}
+        if fresh is not None:  # peaks from a process of its own (bench/peak.py)
+            peaks = {(i, B): fresh.get(peak_key(_label(configs[i]), requested, B), {}) for i, B in trials}
+        else:  # here, in a pass of its own per configuration, after a discarded one
+            for batch in batches.values():
+                run_config(model, batch, configs[0], spec.gen)
+            peaks = {key: run_config(model, batches[key[1]], configs[key[0]], spec.gen) for key in trials}
         for (i, B), t in trials.items():
             rows.append(_row(model, model_name, configs[i], requested, batches[B], spec, t, trials[0, B],
                              trials.get((i, 1)), peaks[i, B], peaks[0, B]))
+            rows[-1]["peak_measured"] = "fresh process" if fresh is not None else "this process"
     return rows
+
+
+def _fresh_peaks(model, model_name: str, spec: Spec, log) -> dict | None:
+    """Peaks measured in a fresh process (bench/peak.py) for a model it can load by name; None otherwise
+    (an object without a loadable name: peaks are then measured here, less reliably on CPU)."""
+    from kvbench.models import check_model
+
+    try:
+        if not model_name or check_model(model_name) != "local":
+            return None
+    except KvbenchError:
+        return None
+    if log:
+        log("peak memory: one pass per configuration in a fresh process")
+    dtype = str(model.dtype).removeprefix("torch.")
+    return measure_peaks(model_name, dtype, str(model.device), spec)
 
 
 def _row(model, model_name: str, m: Method, requested: int, batch: Batch, spec: Spec, t: Trial, full: Trial,

@@ -12,15 +12,15 @@ On CUDA that is `torch.cuda.reset_peak_memory_stats` / `max_memory_allocated`. O
 live memory and whatever the block allocates shows up as new resident pages. The peak is
 the whole process (weights, Python, torch); `delta` is what the block added on top.
 
-One more thing makes the CPU peak honest: glibc serves allocations below its mmap threshold
-from its heap and keeps freed heap memory resident, and the threshold grows as large blocks
-are freed, so after a few configurations the high-water mark reflects the allocator's history
-more than the block's live tensors (seen here: the same prefill measured +163 MiB, then +448).
-Inside `PeakMemory` on CPU the threshold is pinned at 64 KiB (`mallopt(M_MMAP_THRESHOLD)`), so
-every tensor of any size is mapped on allocation and unmapped on free, and resident memory
-follows live memory; on exit it is set to 32 MiB, glibc's own ceiling for the dynamic threshold.
-Mapping every tensor slows the block (page faults), so timings are taken in other runs
-(`matrix.run_matrix` measures memory in a pass of its own).
+That is not enough in a long-running process: glibc serves allocations from free chunks of its
+heap whatever their size, keeps freed heap memory resident, and raises its mmap threshold as
+large blocks are freed, so after a few configurations the high-water mark reflects the
+allocator's history more than the block's live tensors (seen here: the same prefill measured
++163 MiB, then +448). In a fresh process whose mmap threshold is pinned at 64 KiB before
+anything large is allocated (`pin_mmap_threshold`), every tensor is mapped on allocation and
+unmapped on free, and resident memory follows live memory: `kvbench bench` measures peaks
+there (`bench/peak.py`). Mapping every tensor slows the process (page faults), so timings are
+taken in the main one.
 """
 
 from __future__ import annotations
@@ -122,12 +122,14 @@ def _trim() -> None:
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
-def _mmap_threshold(size: int) -> None:
+def pin_mmap_threshold(size: int = 64 << 10) -> bool:
+    """Serve every allocation of `size` bytes or more by its own mapping, returned to the OS on free (glibc;
+    call it first thing in a process). False where that cannot be set."""
     name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(size))
+        return bool(ctypes.CDLL(name).mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(size)))
     except (OSError, AttributeError, TypeError):  # not glibc: the peak is what it is
-        pass
+        return False
 
 
 def _reset_hwm() -> bool:
@@ -159,7 +161,6 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            _mmap_threshold(64 << 10)  # resident memory follows live tensors (module docstring)
             _trim()
             self.base = rss() if _reset_hwm() else None
         return self
@@ -168,10 +169,8 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            if self.base is not None:
-                self.peak = _status("VmHWM")
-            _mmap_threshold(32 << 20)
+        elif self.base is not None:
+            self.peak = _status("VmHWM")
 
     @property
     def delta(self) -> int | None:

@@ -250,7 +250,9 @@ def configure(names: list[str], settings: dict, ratios: list[float] | None = Non
                            "`kvbench methods` lists each method's settings")
     out = []
     for name, cls in classes.items():
-        own = {k: v for k, v in settings.items() if k in cls.settings()}
+        own = {k: v for k, v in settings.items() if k in cls.settings() and k not in cls.hidden_settings}
+        if ratios:
+            own.pop("ratio", None)
         if not cls.takes_ratio or name == "full":
             own = {k: v for k, v in own.items() if k not in ("ratio", "budget")}
             out.append(make_method(name, **own))

@@ -5,8 +5,8 @@ KV states of adjacent layers in the middle-to-deep part of a model are nearly pa
 pairs of layers share one direction per token and keep only their own magnitudes; token pairs
 that differ most are retained unmerged. Pairs are (s, s+1), (s+2, s+3), ... from
 ``s = floor(start * n_layers)`` (the paper merges from half depth); an odd last layer stays
-unmerged; sliding-window layers (Gemma 3) take no part, and adjacent full-attention layers
-pair up around them. Rules (SLERP, magnitudes, retention threshold, generated tokens):
+unmerged; sliding-window layers (Gemma 3) take no part: consecutive full-attention layers
+pair up across them. Rules (SLERP, magnitudes, retention threshold, generated tokens):
 `kvbench.storage.merged`.
 
 Defaults: `start=0.5` (half depth), `t=0.6` for the SLERP interpolation (the paper's
@@ -34,9 +34,11 @@ from kvbench.storage.merged import Merged, Pair
 
 
 def pair_bytes(role: int | None, n: int, heads: int, dim: int, dtype) -> int:
-    """Bytes of one row of `n` tokens in a layer of `role` (see `MiniCache.role`), before retention."""
+    """Bytes of one row of `n` tokens in a layer of `role` (see `MiniCache.role`), before retention: the
+    pair's first layer holds the shared directions and its magnitudes, the second its magnitudes. Each
+    retained token adds its vector to both layers and a (row, head, slot) int32 index to the first."""
     size = size_of(dtype)
-    per_token = {None: 2 * dim * size, 0: 2 * (dim * size + size + 1), 1: 2 * size}[role]
+    per_token = {None: 2 * dim * size, 0: 2 * (dim * size + size), 1: 2 * size}[role]
     return heads * n * per_token
 
 
@@ -72,26 +74,25 @@ class MiniCache(Method):
             _check_fraction("gamma", self.gamma)
 
     def role(self, layer_idx: int, n_layers: int) -> int | None:
-        """0 / 1: first / second layer of a merged pair; None: stored as is. (Read from the depth alone: with
-        sliding-window layers, which take no part, the codec's own `i` says.)"""
+        """0 / 1: first / second layer of a merged pair; None: stored as is. Read from the depth alone, for
+        models without sliding-window layers (`kvbench bench`'s size rules do not model those layers either);
+        around sliding layers, the codec's own `i` says."""
         s = math.floor(self.start * n_layers)
         if layer_idx < s or ((layer_idx - s) % 2 == 0 and layer_idx + 1 >= n_layers):
             return None
         return (layer_idx - s) % 2
 
     def expected_bytes(self, n: int, layer_idx: int, n_layers: int, heads: int, dim: int, dtype) -> int:
-        """Bytes before retention (each retained token adds one vector per layer, keys and values apart):
-        the first layer of a pair holds the shared directions, its magnitudes and the retention masks
-        (one byte a token), the second only its magnitudes."""
+        """Bytes before retention (see `pair_bytes`)."""
         return pair_bytes(self.role(layer_idx, n_layers), n, heads, dim, dtype)
 
     def codec(self, layer_idx: int, n_layers: int, scratch: dict) -> Merged | None:
-        # Layers ask in order (sliding-window layers never do): from the start layer, a layer joins the pair its
-        # predecessor opened, or opens one. A pair never joined (the last layer) keeps its slots as they are.
+        # Full-attention layers ask in order (sliding-window layers never do): from the start layer, each joins
+        # the pair the previous one opened, or opens one. A pair never joined (an odd last layer) keeps its slots.
         if layer_idx < math.floor(self.start * n_layers):
             return None
-        pair = scratch.pop(("minicache", layer_idx - 1), None)
+        pair = scratch.pop("minicache-open", None)
         if pair is not None:
             return Merged(pair, 1)
-        scratch[("minicache", layer_idx)] = pair = Pair(self.t, self.gamma)
+        scratch["minicache-open"] = pair = Pair(self.t, self.gamma)
         return Merged(pair, 0)

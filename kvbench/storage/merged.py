@@ -10,7 +10,8 @@ arXiv 2405.14366. For a pair of layers (a, b) and every token, keys and values s
 - retention: the pairs that differ most stay unmerged. The angular distance ``d = W / pi`` is
   compared with a threshold set at the first merge (the prompt), per row, over its tokens and
   heads: ``d >= d_max - gamma * (d_max - d_min)``; both layers' original vectors of those tokens
-  are stored as they are (so gamma = 0 merges every token, gamma = 1 none);
+  are stored as they are, with their (row, head, slot) (so gamma = 0 merges every token, gamma = 1
+  none; padding is never retained);
 - generated tokens are merged the same way, one step at a time, against the prompt's threshold.
 
 Layer a's pass stores its new slots unmerged (`pending`); layer b's pass, which follows in the
@@ -24,7 +25,6 @@ import math
 import torch
 
 from kvbench.storage import Codec, assemble, cat
-from kvbench.storage.ragged import pack, select_rows
 
 EPS = 1e-6
 
@@ -49,16 +49,18 @@ def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Pair:
-    """What two merged layers hold: for keys ("k") and values ("v") separately, the shared
-    direction, each layer's magnitude, the retention mask and each layer's retained vectors."""
+    """What two merged layers hold: for keys ("k") and values ("v") separately, the shared direction,
+    each layer's magnitude, and each layer's original vectors of the retained tokens with their
+    (row, head, slot) indices (one index table for both layers; an index, not a mask, because few
+    tokens are retained, and it stays valid as merged slots are appended)."""
 
     def __init__(self, t: float, gamma: float):
         self.t, self.gamma = t, gamma
         self.n = 0  # slots merged
         self.dir: dict = {"k": None, "v": None}  # (B, H, n, D)
         self.mag: list[dict] = [{"k": None, "v": None}, {"k": None, "v": None}]  # (B, H, n) per layer
-        self.mask: dict = {"k": None, "v": None}  # (B, H, n) retained
-        self.kept: list[dict] = [{"k": None, "v": None}, {"k": None, "v": None}]  # (N, D) per layer, packed
+        self.index: dict = {"k": None, "v": None}  # (N, 3) int32: row, head, slot of each retained token
+        self.kept: list[dict] = [{"k": None, "v": None}, {"k": None, "v": None}]  # (N, D) per layer
         self.threshold: dict = {"k": None, "v": None}  # (B,) per row, set by the first merge
         self.pending: dict = {"k": None, "v": None}  # layer a's unmerged slots (B, H, m, D)
 
@@ -68,41 +70,52 @@ class Pair:
         mb, ub = split(xb)
         e, w = slerp(ua, ub, self.t)
         d = w / math.pi  # (B, H, m)
+        ok = torch.ones_like(d, dtype=torch.bool) if valid is None else valid.expand_as(d)
         if self.threshold[which] is None:
             B = d.shape[0]
-            ok = torch.ones_like(d, dtype=torch.bool) if valid is None else valid.expand_as(d)
             dmax = d.masked_fill(~ok, float("-inf")).reshape(B, -1).amax(-1)
             dmin = d.masked_fill(~ok, float("inf")).reshape(B, -1).amin(-1)
             self.threshold[which] = dmax - self.gamma * (dmax - dmin)
-        keep = (d >= self.threshold[which][:, None, None]) if self.gamma > 0 else torch.zeros_like(d, dtype=torch.bool)
+        keep = (d >= self.threshold[which][:, None, None]) & ok if self.gamma > 0 else torch.zeros_like(ok)
+        index = keep.nonzero().to(torch.int32)  # row-major: the order x[keep] takes
+        index[:, 2] += self.n
         self.dir[which] = cat(self.dir[which], e.to(dtype))
-        self.mask[which] = cat(self.mask[which], keep, dim=2)
+        self.index[which] = cat(self.index[which], index, dim=0)
         for i, x in enumerate((xa, xb)):
             self.mag[i][which] = cat(self.mag[i][which], (ma, mb)[i].to(dtype), dim=2)
-            self.kept[i][which] = cat(self.kept[i][which], pack(x, keep), dim=0)
+            self.kept[i][which] = cat(self.kept[i][which], x[keep], dim=0)
+
+    def retained(self, which: str) -> torch.Tensor:
+        """(B, H, n) bool: the retained tokens."""
+        mask = torch.zeros(self.dir[which].shape[:3], dtype=torch.bool, device=self.dir[which].device)
+        mask[tuple(self.index[which].long().T)] = True
+        return mask
 
     def restore(self, i: int, which: str, out: torch.Tensor) -> None:
         """Write layer i's merged slots into `out` (B, H, n, D): magnitude times shared direction, retained
         vectors put back."""
         torch.mul(self.dir[which], self.mag[i][which][..., None], out=out)
-        if self.kept[i][which].shape[0]:
-            out[self.mask[which]] = self.kept[i][which]
+        if self.index[which].shape[0]:
+            out[tuple(self.index[which].long().T)] = self.kept[i][which]
 
     def tensors(self, i: int) -> list[torch.Tensor]:
-        """Tensors counted for layer i: the shared ones (direction, masks, pending) go to layer a."""
+        """Tensors counted for layer i: the shared ones (direction, retained indices, pending) go to layer a."""
         own = [*self.mag[i].values(), *self.kept[i].values()]
         if i == 0:
-            own += [*self.dir.values(), *self.mask.values(), *self.pending.values()]
+            own += [*self.dir.values(), *self.index.values(), *self.pending.values()]
         return [t for t in own if t is not None]
 
     def select(self, indices: torch.Tensor) -> None:
         for w in ("k", "v"):
-            if self.mask[w] is not None:
+            if self.index[w] is not None:  # retained tokens of the chosen rows, renumbered
+                rows = self.index[w][:, 0]
+                picks = [(rows == int(b)).nonzero().flatten() for b in indices]
+                self.index[w] = torch.cat([torch.cat([torch.full_like(p[:, None], r, dtype=torch.int32),
+                                                      self.index[w][p, 1:]], dim=1) for r, p in enumerate(picks)])
                 for i in (0, 1):
-                    self.kept[i][w] = select_rows(self.kept[i][w], self.mask[w], indices)
-                self.mask[w], self.dir[w] = self.mask[w][indices], self.dir[w][indices]
-                for i in (0, 1):
+                    self.kept[i][w] = torch.cat([self.kept[i][w][p] for p in picks])
                     self.mag[i][w] = self.mag[i][w][indices]
+                self.dir[w] = self.dir[w][indices]
             if self.threshold[w] is not None:
                 self.threshold[w] = self.threshold[w][indices]
             if self.pending[w] is not None:
@@ -113,12 +126,16 @@ class Pair:
             return None if t is None else t.expand(n, *t.shape[1:])
 
         for w in ("k", "v"):
-            for i in (0, 1):
-                if self.kept[i][w] is not None:
+            if self.index[w] is not None:  # one row's retained tokens, once per new row
+                idx = self.index[w].repeat(n, 1)
+                idx[:, 0] = torch.arange(n, dtype=torch.int32).repeat_interleave(self.index[w].shape[0])
+                self.index[w] = idx
+                for i in (0, 1):
                     self.kept[i][w] = self.kept[i][w].repeat(n, 1)
+            for i in (0, 1):
                 self.mag[i][w] = rep(self.mag[i][w])
-            self.mask[w], self.dir[w] = rep(self.mask[w]), rep(self.dir[w])
-            self.threshold[w], self.pending[w] = rep(self.threshold[w]), rep(self.pending[w])
+            self.dir[w], self.threshold[w] = rep(self.dir[w]), rep(self.threshold[w])
+            self.pending[w] = rep(self.pending[w])
 
 
 class Merged(Codec):
