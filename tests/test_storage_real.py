@@ -97,3 +97,27 @@ def test_kivi_against_transformers_quantized_cache(default_model, captured, bits
     quantized = sum(t.numel() * t.element_size() for t in (codec.k_codes, codec.k_scale, codec.k_min))
     assert quantized / codec.k_codes.shape[2] / (full[0].keys.shape[1] * full[0].keys.shape[3]) == \
         pytest.approx(bits / 8 + 2 * 4 / 32)
+
+
+@pytest.mark.parametrize("task", ["mmlu", "gsm8k"])
+def test_storage_methods_through_the_ability_tasks(default_model, task):
+    """Multiple choice (one cache expanded to every option, the chosen row kept) and generation, each method
+    from one shared prefill: every token kept where nothing is evicted, fewer bytes, and a fidelity measured."""
+    from kvbench.evaluate import evaluate
+    from kvbench.tasks import make_task
+
+    model, tok = default_model
+    methods = [make_method("kivi"), make_method("kivi", bits=4), make_method("lowrank", ratio=0.5),
+               make_method("adakv", ratio=0.3), make_method("minicache"), make_method("snapkv+kivi", ratio=0.3)]
+    rows = {r.config: r for r in evaluate(model, tok, make_task(task), methods, limit=1, progress=False,
+                                          max_new_tokens=12)}
+    assert set(rows) == {"full", "kivi", "kivi[bits=4]", "lowrank@0.5", "adakv@0.3", "minicache", "snapkv+kivi@0.3"}
+    n = rows["full"].prompt_tokens - 1  # the last prompt token enters after compression
+    for config, r in rows.items():
+        assert r.cache_bytes <= r.full_cache_bytes and r.score in (0.0, 1.0)
+        evicts = config.startswith(("adakv", "snapkv"))
+        assert r.kept_tokens == (keep_count(n, 0.3, None) if evicts else n), config
+        if config != "full":
+            assert r.cache_bytes < r.full_cache_bytes and r.kl >= 0
+            assert r.ratio == {"kivi": None, "minicache": None, "lowrank": 0.5}.get(r.method, 0.3)  # none set: None
+    assert rows["kivi[bits=4]"].kl < rows["kivi"].kl  # more bits, less drift
