@@ -35,6 +35,12 @@ Differences by design (each pinned by a test below):
    tied; kvbench keeps the first tokens. Not compared.
 6. Gemma3 (sliding-window layers) is not compared: kvpress skips those layers only for
    Gemma3ForConditionalGeneration, kvbench leaves them to the window in every case.
+7. AdaKV's safeguard: kvpress keeps each head's best max(1, int(alpha * k)) tokens, the
+   observation window counted among them (its score is the maximum); kvbench, like the
+   authors' code, keeps the window and then each head's best floor(alpha * (k - window)) others.
+   So kvpress at alpha equals kvbench at the alpha giving int(alpha * k) - window extra tokens
+   (0 when the window fills kvpress's safeguard). kvpress only masks the pruned keys: its kept
+   sets are read from the indices it masks (`masked_key_indices`), kvbench's from its ragged store.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import types
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny
+from conftest import make_tiny, prompt_ids, tiny
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -165,3 +171,82 @@ def test_snapkv_window_larger_than_the_budget():
         for a, b in zip(our_layer, their_layer, strict=True):
             assert a == list(range(30, 40))
             assert len(b) == 10 and set(b) <= set(range(n - window, n))
+
+
+def _adakv_model(arch: str, attn: str, sharpen: float):
+    """The tiny model, or a fresh copy whose KV head 0 attends sharply (its keys scaled by `sharpen`):
+    random tiny models spread attention evenly over heads, so no head would need its safeguard."""
+    if sharpen == 1:
+        return tiny(arch, attn)
+    model = make_tiny(arch, attn)
+    D = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight[:D] *= sharpen
+            if layer.self_attn.k_proj.bias is not None:
+                layer.self_attn.k_proj.bias[:D] *= sharpen
+    return model
+
+
+def kvpress_adakv_kept(arch: str, ids: torch.Tensor, press, sharpen: float = 1) -> list[list[list[int]]]:
+    """Kept indices per layer and KV head: the complement of the keys AdaKVPress masks."""
+    model, n = _adakv_model(arch, "sdpa", sharpen), ids.shape[1]
+    with torch.no_grad(), press(model):
+        model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
+              cache_position=torch.arange(n))
+    kept = []
+    for layer in model.model.layers:
+        _, heads, slots = layer.self_attn.masked_key_indices
+        pruned = torch.zeros(model.config.num_key_value_heads, n, dtype=torch.bool)
+        pruned[heads, slots] = True
+        kept.append([(~p).nonzero().flatten().tolist() for p in pruned])
+    return kept
+
+
+def kvbench_ragged_kept(arch: str, ids: torch.Tensor, method, sharpen: float = 1) -> list[list[list[int]]]:
+    model = _adakv_model(arch, "kvbench", sharpen)
+    cache = KVCache(model.config, method)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    kept = []
+    for layer in cache.layers:
+        assert layer.codec is not None and layer.keys is None  # stored ragged, not as masks
+        valid = layer.valid.expand(layer.pos.shape)[0]
+        kept.append([sorted(p[v].tolist()) for p, v in zip(layer.pos[0], valid, strict=True)])
+    return kept
+
+
+def _adakv_both(arch, alpha_kvpress, alpha_ours, kernel, sharpen):
+    n, ratio, window = 64, 0.5, 8
+    ids = prompt_ids(n, seed=4)
+    ours = kvbench_ragged_kept(arch, ids, make_method("adakv", ratio=ratio, window_size=window,
+                                                      kernel_size=kernel, alpha=alpha_ours), sharpen)
+    scorer = kvpress.SnapKVPress(compression_ratio=1 - ratio, window_size=window, kernel_size=kernel)
+    theirs = kvpress_adakv_kept(arch, ids, kvpress.AdaKVPress(scorer, alpha_safeguard=alpha_kvpress), sharpen)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("alpha_kvpress,alpha_ours", [(0.0, 0.0), (0.2, 0.0), (0.4375, 0.25)])
+def test_adakv_keeps_the_same_tokens_as_kvpress(arch, alpha_kvpress, alpha_ours):
+    """64 tokens at 50%: 32 per head on average, window 8. kvpress's safeguard int(alpha * 32) is 0,
+    6 (inside the window: nothing beyond it) and 14 (the window + 6); kvbench's is floor(alpha * 24)
+    = 0, 0 and 6 beyond the window (difference 7)."""
+    n, ratio, window, k = 64, 0.5, 8, 32
+    assert compute_n_kept(n, 1 - ratio) == keep_count(n, ratio, None) == k
+    assert max(0, int(alpha_kvpress * k) - window) == int(alpha_ours * (k - window))
+    ours, theirs = _adakv_both(arch, alpha_kvpress, alpha_ours, kernel=5, sharpen=1)
+    assert ours == theirs
+    counts = [[len(h) for h in layer] for layer in ours]
+    assert all(sum(c) == len(c) * k for c in counts)  # the layer's budget, shared
+    assert any(len(set(c)) > 1 for c in counts), "heads get different budgets"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])  # k_proj without a key norm
+def test_adakv_safeguard_binds_as_in_kvpress(arch):
+    """KV head 0 made sharp gets ~21 of 64 tokens at alpha 0. A safeguard of 18 beyond the window
+    (kvbench alpha 0.75; kvpress int(0.8125 * 32) = 26 = 8 + 18) lifts it to 26: the same tokens."""
+    ours, theirs = _adakv_both(arch, 0.8125, 0.75, kernel=1, sharpen=1000)
+    assert ours == theirs
+    assert all(len(layer[0]) == 26 for layer in ours)  # the safeguard is what head 0 keeps
+    unguarded, _ = _adakv_both(arch, 0.0, 0.0, kernel=1, sharpen=1000)
+    assert all(len(layer[0]) < 26 for layer in unguarded)  # ... and it binds
