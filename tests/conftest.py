@@ -60,6 +60,14 @@ def tiny(arch: str, attn: str = "kvbench"):
     return _CACHE[key]
 
 
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model and its tokenizer, loaded once for the whole session."""
+    import kvbench
+
+    return kvbench.load_model()
+
+
 class ToyTokenizer:
     """Just enough tokenizer for kvbench.generate on tiny models: ids are given as text of numbers."""
 

@@ -208,13 +208,6 @@ def test_merge_replaces_a_tasks_records_and_keeps_the_others():
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    import kvbench
-
-    return kvbench.load_model()
-
-
-@pytest.fixture(scope="module")
 def two_tasks(default_model):
     from kvbench.tasks import make_task
 

@@ -8,17 +8,11 @@ import sys
 
 import pytest
 
-import kvbench
 from kvbench.evaluate import evaluate, summarize
 from kvbench.methods import make_method
 from kvbench.tasks import make_task
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    return kvbench.load_model()
 
 
 @pytest.mark.parametrize("name", ["mmlu", "csqa", "gsm8k", "humaneval"])

@@ -92,13 +92,6 @@ def tasks_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    import kvbench
-
-    return kvbench.load_model()
-
-
 def kvbench_task(tasks_dir):
     """The same rows as kvbench's own MMLU task reads a user's file (0 shots: the prompt is the question)."""
     from kvbench.tasks import make_task

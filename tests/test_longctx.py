@@ -296,13 +296,6 @@ def test_a_longbench_style_file_is_read_the_same_way(tmp_path, words_tok):
 # --------------------------------------------------------------------------- the default model
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    import kvbench
-
-    return kvbench.load_model()
-
-
 @pytest.mark.real
 def test_with_the_default_tokenizer_the_needle_sits_at_its_depth_and_the_length_is_hit(default_model):
     from kvbench.models import max_context

@@ -232,11 +232,6 @@ def test_shotkv_holds_the_generated_tokens_at_its_decoding_budget(tiny, gsm, sam
 # --------------------------------------------------------------------------- end to end, default model
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    return kvbench.load_model()
-
-
 @pytest.mark.real
 def test_two_samples_of_longgen_on_the_default_model(default_model):
     model, tok = default_model

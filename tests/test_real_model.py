@@ -16,11 +16,6 @@ EXAMPLE = "examples/gsm8k-8shot.json"
 pytestmark = pytest.mark.real
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    return kvbench.load_model()
-
-
 def test_snapkv_at_0_3_generates_and_reports_consistent_statistics(default_model):
     model, tok = default_model
     res = kvbench.generate(model, tok, read_prompt_file(EXAMPLE), "snapkv", ratio=0.3, max_new_tokens=24)

@@ -297,13 +297,6 @@ def test_a_prompt_past_the_models_window_is_a_clear_error():
 # --------------------------------------------------------------------------- the default model (real)
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    import kvbench
-
-    return kvbench.load_model()
-
-
 @pytest.mark.real
 def test_every_span_decodes_to_its_part_under_the_default_tokenizer(default_model):
     _, tok = default_model

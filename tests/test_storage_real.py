@@ -16,11 +16,6 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    return kvbench.load_model()
-
-
-@pytest.fixture(scope="module")
 def captured(default_model):
     model, tok = default_model
     enc = encode(tok, [read_prompt_file(EXAMPLE)])
