@@ -26,7 +26,7 @@ import torch
 
 
 class Codec:
-    """One layer's compact storage. Subclasses implement `store`, `dense` (or `load`), `tensors`."""
+    """One layer's compact storage. Subclasses implement `store`, `load`, `tensors`."""
 
     prompt_only: bool = False  # True: only the prompt's slots are final (decoding eviction is on)
 
@@ -36,11 +36,7 @@ class Codec:
     def load(self, layer, new_k: torch.Tensor | None = None,
              new_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot held, dense (B, H, T, D), followed by the new slots `new_k` / `new_v` when given (the
-        pass's own tokens: built in one buffer where the codec can, instead of a copy more)."""
-        k, v = self.dense(layer)
-        return cat(k, new_k), cat(v, new_v)
-
-    def dense(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        pass's own tokens: built in one buffer with the dense slots (`assemble`), not copied after them)."""
         raise NotImplementedError
 
     def tensors(self) -> dict[str, torch.Tensor | None]:

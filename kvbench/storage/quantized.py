@@ -129,6 +129,7 @@ class Kivi(Codec):
             out.append(buf)
         return out[0], out[1]
 
+
 def kivi_bytes(n: int, heads: int, dim: int, dtype: torch.dtype, bits: int, group_size: int, residual: int) -> int:
     """Bytes one row of `n` tokens holds in one layer under KIVI (the rule `Kivi.store` follows)."""
     s = size_of(dtype)
