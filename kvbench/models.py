@@ -217,16 +217,24 @@ def load_tokenizer(name_or_path: str) -> tuple[Any, int]:
     return tokenizer, int(config.get_text_config().max_position_embeddings)
 
 
+def kv_shape(config) -> tuple[int, int]:
+    """(KV heads, head dim) of a model config's text part: what one token of one layer's cache holds."""
+    text = config.get_text_config(decoder=True)
+    n_heads = text.num_attention_heads
+    return (getattr(text, "num_key_value_heads", None) or n_heads,
+            getattr(text, "head_dim", None) or text.hidden_size // n_heads)
+
+
 def model_info(model: PreTrainedModel) -> dict[str, Any]:
     """The shape facts a KV-cache benchmark reports and sizes memory with, from the text config."""
     config = model.config.get_text_config()
-    n_heads = config.num_attention_heads
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    n_kv_heads, head_dim = kv_shape(model.config)
     return {
         "n_layers": config.num_hidden_layers,
-        "n_heads": n_heads,
-        "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+        "n_heads": config.num_attention_heads,
+        "n_kv_heads": n_kv_heads,
+        "head_dim": head_dim,
         "max_position_embeddings": config.max_position_embeddings,
         "dtype": str(model.dtype).removeprefix("torch."),
         "architecture": architectures[0],

@@ -68,12 +68,11 @@ def index_bytes(cache) -> int:
 def token_bytes(config, dtype: torch.dtype) -> list[int]:
     """Bytes one token of one row occupies in each layer's cache: 2 (keys, values) x KV heads x head dim
     x element size. Read from the (text) config, like transformers' own cache sizing."""
-    text = config.get_text_config(decoder=True)
-    n_heads = text.num_attention_heads
-    hk = getattr(text, "num_key_value_heads", None) or n_heads
-    d = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+    from kvbench.models import kv_shape  # here: importing this module must stay light (see bench/peak.py)
+
+    hk, d = kv_shape(config)
     size = torch.empty((), dtype=dtype).element_size()
-    return [2 * hk * d * size] * text.num_hidden_layers
+    return [2 * hk * d * size] * config.get_text_config(decoder=True).num_hidden_layers
 
 
 def budget_bytes(method, n: int, config, dtype: torch.dtype, batch: int = 1) -> int:
@@ -85,10 +84,9 @@ def budget_bytes(method, n: int, config, dtype: torch.dtype, batch: int = 1) -> 
     L = len(per)
     if method is None:
         return batch * n * sum(per)
-    text = config.get_text_config(decoder=True)
-    n_heads = text.num_attention_heads
-    hk = getattr(text, "num_key_value_heads", None) or n_heads
-    d = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+    from kvbench.models import kv_shape
+
+    hk, d = kv_shape(config)
     return batch * sum(method.expected_bytes(n, i, L, hk, d, dtype) for i in range(L))
 
 

@@ -57,8 +57,9 @@ class KiviStorage:
                                "(keys are quantized in whole groups when the residual fills)")
 
     def check_model(self, config) -> None:
-        text = config.get_text_config(decoder=True)
-        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        from kvbench.models import kv_shape
+
+        _, dim = kv_shape(config)
         if dim % self.group_size:
             raise KvbenchError(f"{self.name}: group_size={self.group_size} must divide the model's head dim {dim}; "
                                f"set group_size to a divisor such as {dim // 2}")
