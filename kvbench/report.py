@@ -350,16 +350,18 @@ def _by_ratio(summary: list[dict], key: str) -> dict[str, list[tuple]]:
     """Per series, (ratio, mean of `key` over tasks) for compressed configs with a ratio (storage alone: at
     its mean byte ratio)."""
     acc = defaultdict(list)
-    xs = defaultdict(list)
+    storage = defaultdict(lambda: ([], []))  # series -> (byte ratios, values), one per task
     for s in summary:
-        if _x(s) is not None:
-            series, x = _x(s)
-            if s["ratio"] is None:  # one point per storage config: its mean byte ratio over tasks
-                xs[series].append(x)
-                continue
+        if (at := _x(s)) is None:
+            continue
+        series, x = at
+        if s["ratio"] is None:  # one point per storage config: at its mean byte ratio over tasks
+            storage[series][0].append(x)
+            storage[series][1].append(s[key])
+        else:
             acc[(series, x)].append(s[key])
-    for series, vals in xs.items():
-        acc[(series, float(np.mean(vals)))] = [s[key] for s in summary if _x(s) and _x(s)[0] == series]
+    for series, (xs, vals) in storage.items():
+        acc[(series, float(np.mean(xs)))] = vals
     out = defaultdict(list)
     for (series, ratio), vals in sorted(acc.items()):
         v = float(np.mean(vals))
@@ -407,9 +409,8 @@ def _plot_scores(plots: _Plots, summary: list[dict]) -> None:
                 ax.axhspan(s["score_lo"], s["score_hi"], color="k", alpha=0.07)
         lines = defaultdict(list)
         for s in here:
-            if _x(s) is not None:
-                series, x = _x(s)
-                lines[series].append((x, s["score"], s["score_lo"], s["score_hi"]))
+            if (at := _x(s)) is not None:
+                lines[at[0]].append((at[1], s["score"], s["score_lo"], s["score_hi"]))
         if not lines and not any(s["method"] == "full" for s in here):
             plots.note(f"{task_key}: score vs ratio", "Nothing to plot: only budget configurations were run.")
             continue
