@@ -3,6 +3,10 @@ rules say, and KIVI's error and size stand beside transformers' own QuantizedCac
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,7 +16,20 @@ from kvbench.methods import keep_count, make_method
 from kvbench.prompts import read_prompt_file
 
 EXAMPLE = "examples/gsm8k-8shot.json"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.real
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (they import their neighbours by plain name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+KIVI_VS_QUANTO = _benchmark("kivi_vs_quanto")
 
 
 @pytest.fixture(scope="module")
@@ -53,42 +70,21 @@ def test_bytes_after_prefill_equal_the_methods_formula(default_model, captured, 
                                                   torch.float32)
 
 
-def _relative_error(pairs) -> float:
-    err = sum(float(((a - b) ** 2).sum()) for a, b in pairs)
-    return (err / sum(float((b ** 2).sum()) for _, b in pairs)) ** 0.5
-
-
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_against_transformers_quantized_cache(default_model, captured, bits):
-    """Same prompt, same bits and group size (32). transformers' QuantizedCache (quanto backend) quantizes
-    keys and values per token; KIVI keys per channel, which is why its key error is far lower on a real
-    model (outlier channels). Values are quantized alike (per token, groups of 32 channels): the same
-    error. Per quantized value both store the same bytes."""
-    from transformers import QuantizedCache  # its quanto backend: optimum-quanto, installed by scripts/setup.sh
-
+    """Same prompt, same bits and group size (32), measured by benchmarks/kivi_vs_quanto.py's `compare`.
+    transformers' QuantizedCache (quanto backend) quantizes keys and values per token; KIVI keys per
+    channel, which is why its key error is far lower on a real model (outlier channels). Values are
+    quantized alike (per token, groups of 32 channels): the same error. Per quantized value both store
+    the same bytes."""
     model, _ = default_model
-    full = captured.cache.layers
-    ours = captured.compress(make_method("kivi", bits=bits, group_size=32, residual=128))
-    theirs = QuantizedCache("quanto", model.config, nbits=bits, q_group_size=32, residual_length=128)
-    ok, ov, tk, tv, their_bytes = [], [], [], [], 0
-    for i, (src, layer) in enumerate(zip(full, ours.layers)):
-        k, v = layer.codec.load(layer)
-        n_k, n_v = layer.codec.n_k, layer.codec.n_v  # compare what both quantized (KIVI keeps a residual)
-        ok.append((k[:, :, :n_k], src.keys[:, :, :n_k]))
-        ov.append((v[:, :, :n_v], src.values[:, :, :n_v]))
-        theirs.update(src.keys.clone(), src.values.clone(), i)
-        q = theirs.layers[i]
-        tk.append((q._dequantize(q._quantized_keys)[:, :, :n_k], src.keys[:, :, :n_k]))
-        tv.append((q._dequantize(q._quantized_values)[:, :, :n_v], src.values[:, :, :n_v]))
-        for t in (q._quantized_keys, q._quantized_values):
-            their_bytes += sum(x.numel() * x.element_size() for x in (t._data._data, t._scale, t._shift))
-    assert _relative_error(ok) < 0.5 * _relative_error(tk)  # per-channel keys: KIVI's point
+    r = KIVI_VS_QUANTO.compare(model, captured, bits)
+    assert r["keys_kivi"] < 0.5 * r["keys_quanto"]  # per-channel keys: KIVI's point
     # values: per token in groups of 32 channels in both, so the same error (an independent check)
-    assert _relative_error(ov) == pytest.approx(_relative_error(tv), rel=0.01)
+    assert r["values_kivi"] == pytest.approx(r["values_quanto"], rel=0.01)
     # Bytes per quantized value: bits of code + a float32 scale and minimum per group of 32, in both.
-    elements = sum(2 * src.keys.numel() for src in full)
-    assert their_bytes / elements == pytest.approx(bits / 8 + 2 * 4 / 32)
-    codec = ours.layers[0].codec
+    assert r["bytes_quanto"] / r["elements"] == pytest.approx(bits / 8 + 2 * 4 / 32)
+    full, codec = captured.cache.layers, r["cache"].layers[0].codec
     quantized = sum(t.numel() * t.element_size() for t in (codec.k_codes, codec.k_scale, codec.k_min))
     assert quantized / codec.k_codes.shape[2] / (full[0].keys.shape[1] * full[0].keys.shape[3]) == \
         pytest.approx(bits / 8 + 2 * 4 / 32)
