@@ -364,8 +364,12 @@ def write(doc: dict, run_dir) -> list[Path]:
     doc["recall_vs_delta"] = recall_vs_delta(rows, doc["recall"]) if rows else None
     files = report.draw_all(doc, run_dir / PLOTS)
     doc["plots"] = [str(p.relative_to(run_dir)) for p in files]
-    path = run_dir / FILE
-    path.write_text(json.dumps(_finite(doc), allow_nan=False), encoding="utf-8")
+    path, tmp = run_dir / FILE, run_dir / (FILE + ".tmp")
+    try:  # whole or not at all: a full disk must not truncate the analyses already merged into the file
+        tmp.write_text(json.dumps(_finite(doc), allow_nan=False), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return [path, *files]
 
 

@@ -1,13 +1,24 @@
-"""The `kvbench` command. Problems the user can fix print one line and exit with status 2."""
+"""The `kvbench` command. Problems the user can fix print one line and exit with status 2.
+
+Every command checks its flags and paths first, then loads the model, then computes, then writes:
+a bad input fails in a second and leaves what is stored as it was.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
+from kvbench.config import in_file, out_dir, out_file
 from kvbench.errors import KvbenchError
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # what load_model takes; auto: float32 on CPU
 
 
 def _value(text: str):
@@ -28,6 +39,57 @@ def _pairs(items: list[str] | None, flag: str, example: str) -> dict:
             raise KvbenchError(f"{flag} {item!r}: write key=value, e.g. {flag} {example}")
         out[key.replace("-", "_")] = _value(val)
     return out
+
+
+def _one_of(args, *flags: str) -> None:
+    """Flags that set the same thing two ways: giving both is ambiguous, so it is an error."""
+    given = [f for f in flags if getattr(args, f[2:].replace("-", "_"), None) is not None]
+    if len(given) > 1:
+        raise KvbenchError(f"{' and '.join(given)} given together; give only one of them")
+
+
+def _at_least(args, **minimum: int) -> None:
+    """Whole-number flags (by attribute name) below their minimum; None means not given."""
+    for key, low in minimum.items():
+        v = getattr(args, key, None)
+        if v is not None and v < low:
+            flag = "--" + key.replace("_", "-")
+            raise KvbenchError(f"{flag} {v} is too small; give {flag} {low} or more")
+
+
+def _check_common(args) -> None:
+    """The flags `_add_common` adds, and the model's name: checked before any file is read or model loaded."""
+    from kvbench.config import _ratios
+    from kvbench.models import check_model
+
+    _one_of(args, "--ratio", "--budget")
+    if args.ratio is not None:
+        _ratios("--ratio", [args.ratio])
+    _at_least(args, budget=1, max_new_tokens=1)
+    check_model(args.model)
+
+
+@contextmanager
+def _writing(path: str | Path | None) -> Iterator[None]:
+    """A full disk fails in write(), whose OSError names no file: name the output the user gave."""
+    try:
+        yield
+    except OSError as e:
+        if path is not None and e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            e.filename = str(path)
+        raise
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free some space or give a path on another disk",
+    errno.EDQUOT: "free some space or give a path on another disk",
+    errno.EACCES: "check its permissions or give another path",
+    errno.EPERM: "check its permissions or give another path",
+    errno.EROFS: "its file system is read-only; give a path on a writable one",
+    errno.ENOTDIR: "part of the path is a file, not a directory; give another path",
+    errno.EISDIR: "it is a directory; give a file path",
+    errno.ENOENT: "check that the path exists",
+}
 
 
 def _settings(args) -> dict:
@@ -76,6 +138,7 @@ def cmd_generate(args) -> None:
     from kvbench.generation import generate
     from kvbench.methods import make_method
 
+    _check_common(args)
     method = make_method(args.method, **_settings(args))
     prompt = _prompt(args)
     model, tok = _load(args)
@@ -99,7 +162,8 @@ def cmd_demo(args) -> None:
     from kvbench.methods import configure
     from kvbench.prefill import prefill
 
-    methods = configure(args.methods.split(","), _settings(args))
+    _check_common(args)
+    methods = configure(_names(args.methods, "--methods", "full,snapkv"), _settings(args))
     prompt = _prompt(args)
     model, tok = _load(args)
     enc = encode(tok, [prompt], chat=args.chat, max_length=max_len(model))
@@ -145,8 +209,9 @@ def cmd_tasks(args) -> None:
 def _methods(args) -> list:
     from kvbench.methods import configure
 
-    names = [n for n in (args.methods.split(",") if args.methods else [args.method]) if n != "full"]
-    ratios = _numbers(args.ratios, float, "ratios") if args.ratios and args.budget is None else None
+    names = _names(args.methods, "--methods", "snapkv,h2o") if args.methods is not None else [args.method]
+    names = [n for n in names if n != "full"]
+    ratios = _ratios(args.ratios) if args.budget is None else None
     return configure(names, _settings(args), ratios) if names else []
 
 
@@ -156,21 +221,26 @@ def cmd_eval(args) -> None:
     from kvbench.evaluate import evaluate, summarize
     from kvbench.tasks import make_task
 
-    if not args.methods and not args.method:
+    if args.methods is None and args.method is None:
         raise KvbenchError("give --method NAME (or --methods a,b) and --ratio R (or --ratios r1,r2)")
+    _one_of(args, "--method", "--methods")
+    _one_of(args, "--ratio", "--ratios", "--budget")
+    _check_common(args)
+    _at_least(args, limit=1)
     methods = _methods(args)
     task_settings = _pairs(args.task_set, "--task-set", "length=2048")
+    data = str(in_file(args.data, "--data")) if args.data is not None else None
     task = make_task(args.task, **({"shots": args.shots} if args.shots is not None else {}),
-                     **({"path": args.data} if args.data else {}), **task_settings)
+                     **({"path": data} if data else {}), **task_settings)
+    if data and not task.needs_tokenizer:
+        task.samples(args.limit)  # reads the file: a malformed one fails before the model loads
+    if args.out is not None:
+        out_file(args.out, "--out")
     model, tok = _load(args)
-    out = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed below)
-    try:
+    with _writing(args.out), (open(args.out, "a") if args.out else nullcontext()) as out:
         rows = evaluate(model, tok, task, methods, limit=args.limit, chat=args.chat, mc=args.mc,
                         max_new_tokens=args.max_new_tokens,
                         on_row=(lambda r: (out.write(json.dumps(asdict(r)) + "\n"), out.flush())) if out else None)
-    finally:
-        if out:
-            out.close()
     summary = summarize(rows)
     if args.json:
         print(json.dumps(summary))
@@ -183,18 +253,38 @@ def cmd_eval(args) -> None:
               f"{s['kl']:>9.4f}{s['kept_fraction']:>7.0%}{s['cache_fraction']:>7.0%}")
 
 
-def _names(text: str | None) -> list[str] | None:
-    return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-
-def _numbers(text: str | None, kind, what: str) -> list | None:
+def _names(text: str | None, flag: str, example: str) -> list[str] | None:
+    """A comma-separated flag's names; None when not given. Given but empty is an error, not the default."""
     if text is None:
         return None
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise KvbenchError(f"{flag} {text!r} names nothing; give e.g. {flag} {example}, or leave it out")
+    return names
+
+
+def _numbers(text: str | None, kind, what: str, minimum: int | None = None) -> list | None:
+    """A comma-separated flag's numbers; None when not given. Given but empty is an error."""
+    if text is None:
+        return None
+    example = "0.1,0.3" if kind is float else "128,256"
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise KvbenchError(f"--{what} {text!r}: give comma-separated numbers, e.g. --{what} "
-                           f"{'0.1,0.3' if kind is float else '128,256'}") from None
+        raise KvbenchError(f"--{what} {text!r}: give comma-separated numbers, e.g. --{what} {example}") from None
+    if not values:
+        raise KvbenchError(f"--{what} {text!r} gives no number; give e.g. --{what} {example}, or leave it out")
+    if minimum is not None and min(values) < minimum:
+        raise KvbenchError(f"--{what} {text!r}: every value must be {minimum} or more")
+    return values
+
+
+def _ratios(text: str | None) -> list[float] | None:
+    """--ratios: numbers, each a fraction kept in (0, 1]."""
+    from kvbench.config import _ratios as check
+
+    values = _numbers(text, float, "ratios")
+    return None if values is None else list(check("--ratios", values))
 
 
 def _pick(entries: list, names: list[str]) -> list:
@@ -208,18 +298,19 @@ def experiment(args):
     from kvbench import config
 
     data = dict(config.read(args.config or "quick"))
-    if args.model:
-        data["models"] = _names(args.model)
-    if args.methods:
-        data["methods"] = _pick(config._list("config", "methods", data.get("methods")), _names(args.methods))
-    if args.tasks:
-        data["tasks"] = _pick(config._list("config", "tasks", data.get("tasks")), _names(args.tasks))
+    if args.model is not None:
+        data["models"] = _names(args.model, "--model", "smollm2-135m")
+    if args.methods is not None:
+        data["methods"] = _pick(config._list("config", "methods", data.get("methods")),
+                                _names(args.methods, "--methods", "snapkv,shotkv"))
+    if args.tasks is not None:
+        data["tasks"] = _pick(config._list("config", "tasks", data.get("tasks")), _names(args.tasks, "--tasks", "mmlu"))
     if args.ratios is not None:
-        data["ratios"] = _numbers(args.ratios, float, "ratios")
+        data["ratios"] = _ratios(args.ratios)
         if args.budgets is None:
             data.pop("budgets", None)
     if args.budgets is not None:
-        data["budgets"] = _numbers(args.budgets, int, "budgets")
+        data["budgets"] = _numbers(args.budgets, int, "budgets", 1)
         if args.ratios is None:
             data["ratios"] = []
     for key in ("limit", "executor", "address", "seed", "dtype", "device", "max_new_tokens"):
@@ -229,30 +320,45 @@ def experiment(args):
     return config.parse(data, where=where)
 
 
-def cmd_run(args) -> None:
-    from pathlib import Path
+def cmd_run(args) -> int:
+    """Exit status 0, or 1 when the run ended with failed samples (listed by the report; a re-run retries them)."""
+    import sqlite3
 
     from kvbench.runner import run
+    from kvbench.store import FILE, Store
 
     exp = experiment(args)
     out = Path(args.out or Path("runs") / exp.name)
-    run(exp, out, progress=not args.quiet, dry_run=args.dry_run)
-    if not args.dry_run:
-        _report(out)
+    if not args.dry_run:  # a dry run writes nothing (and may validate a cluster's config on a laptop)
+        out_dir(out, "--out" if args.out else "run directory")
+    try:
+        with _writing(out):
+            run(exp, out, progress=not args.quiet, dry_run=args.dry_run)
+    except sqlite3.OperationalError as e:  # e.g. "database or disk is full"
+        raise KvbenchError(f"{out / FILE}: {e}; results stored so far are kept: fix this and rerun to resume") from None
+    if args.dry_run:
+        return 0
+    _report(out)
+    return 1 if Store(out).failures() else 0
 
 
 def _report(run_dir) -> None:
-    from pathlib import Path
-
     from kvbench import report
     from kvbench.store import FILE, Store
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise KvbenchError(f"{run_dir} is a file; give the run directory (the one holding {FILE})")
+    if not run_dir.is_dir():
+        raise KvbenchError(f"run directory {run_dir} not found; give a directory written by `kvbench run`")
     if not (run_dir / FILE).is_file():
         raise KvbenchError(f"{run_dir} holds no {FILE}; give a run directory written by `kvbench run`")
-    rows = Store(run_dir).rows()
+    out_dir(run_dir, "run directory")  # the report is written into it
+    store = Store(run_dir)
+    rows, failures = store.rows(), store.failures()
     if not rows:
-        raise KvbenchError(f"{run_dir / FILE} holds no results yet; run `kvbench run` first")
+        raise KvbenchError(f"{run_dir / FILE} holds no results yet" + (f" ({len(failures)} sample(s) failed: "
+                           f"{failures[0]['error']})" if failures else "") + "; run `kvbench run` first")
     bench = run_dir / "bench.json"
     efficiency = None
     if bench.is_file():
@@ -262,9 +368,10 @@ def _report(run_dir) -> None:
             print(f"kvbench: warning: {bench} is not valid JSON; the efficiency table is left out", file=sys.stderr)
     if isinstance(efficiency, dict):
         efficiency = efficiency.get("rows")
-    summary = report.summarize(rows)
-    html = report.write(run_dir, rows, efficiency, summary=summary)
-    print(report.table(summary, efficiency))
+    summary = report.summarize(rows, failures=failures)
+    with _writing(run_dir):
+        html = report.write(run_dir, rows, efficiency, summary=summary, failures=failures)
+    print(report.table(summary, efficiency, failures))
     print(f"\nreport: {html}")
 
 
@@ -274,27 +381,26 @@ def cmd_report(args) -> None:
 
 def cmd_analyze(args) -> None:
     """Attention over the prompt per layer and head, and each method's attention recall (kvbench.analysis)."""
-    from pathlib import Path
-
     from kvbench import analysis, analysis_report
     from kvbench.config import TaskSpec
     from kvbench.methods import make_method
+    from kvbench.models import check_model
     from kvbench.tasks import make_task
 
-    names = _names(args.task)
-    if not names:
-        raise KvbenchError("give --task NAME (or several, comma-separated), e.g. --task gsm8k,mmlu")
-    if args.window < 1 or args.gen_tokens < 0 or (args.limit is not None and args.limit < 1):
-        raise KvbenchError("--window and --limit must be >= 1, --gen-tokens >= 0")
+    names = _names(args.task, "--task", "gsm8k,mmlu")
+    _at_least(args, window=1, gen_tokens=0, limit=1)
     settings = {"shots": args.shots} if args.shots is not None else {}
     tasks = [(TaskSpec(n, settings).key, make_task(n, **settings)) for n in names]
-    ratios = _numbers(args.ratios, float, "ratios") or list(analysis.RATIOS)
-    methods = [make_method(n, ratio=r) for n in (_names(args.methods) or analysis.METHODS) if n != "full"
-               for r in ratios]
+    ratios = _ratios(args.ratios) or list(analysis.RATIOS)
+    methods = [make_method(n, ratio=r) for n in (_names(args.methods, "--methods", "snapkv,h2o") or analysis.METHODS)
+               if n != "full" for r in ratios]
+    out_dir(args.out, "--out")
+    check_model(args.model)
     model, tok = _load(args)
     doc = analysis.analyze(model, tok, tasks, methods, limit=args.limit, window=args.window,
                            gen_tokens=args.gen_tokens, chat=args.chat, model_name=args.model, progress=not args.quiet)
-    files = analysis.write(doc, Path(args.out))
+    with _writing(args.out):
+        files = analysis.write(doc, Path(args.out))
     if args.json:
         print(json.dumps(analysis.read(args.out)))
         return
@@ -307,23 +413,27 @@ def cmd_bench(args) -> None:
     import os
 
     from kvbench.bench import Spec, TargetSpec, bench, render
+    from kvbench.models import check_model
 
-    methods = _names(args.methods) or Spec().methods
-    ratios = _numbers(args.ratios, float, "ratios") or Spec().ratios
-    spec = Spec(methods=methods, ratios=ratios, lengths=_numbers(args.lengths, int, "lengths") or Spec().lengths,
-                gen=args.gen, batches=_numbers(args.batch, int, "batch") or [1], repeats=args.repeats,
+    _at_least(args, gen=2, repeats=1)
+    methods = _names(args.methods, "--methods", "snapkv,kivi") or Spec().methods
+    ratios = _ratios(args.ratios) or Spec().ratios
+    spec = Spec(methods=methods, ratios=ratios, lengths=_numbers(args.lengths, int, "lengths", 1) or Spec().lengths,
+                gen=args.gen, batches=_numbers(args.batch, int, "batch", 1) or [1], repeats=args.repeats,
                 settings=_pairs(args.set, "--set", "bits=4"))
-    spec.configs()  # unknown names or settings and bad ratios fail here, before the model loads
-    if spec.gen < 2 or spec.repeats < 1 or min(spec.batches) < 1:
-        raise KvbenchError("--gen must be >= 2, --repeats and --batch >= 1")
+    spec.configs()  # unknown names or settings fail here, before the model loads
+    if args.out is not None:
+        out_dir(args.out, "--out")
+    check_model(args.model)
     targets = TargetSpec(repeats=max(args.repeats, 5)) if args.targets or args.targets_only else None
     if "OMP_WAIT_POLICY" not in os.environ and not args.quiet:
         print("kvbench: note: OMP_WAIT_POLICY is unset; on a machine shared with other work, OpenMP's spin-waiting "
               "makes CPU timings erratic: run as `OMP_WAIT_POLICY=PASSIVE kvbench bench ...`", file=sys.stderr)
     model, tok = _load(args)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
-    result = bench(model, tok, None if args.targets_only else spec, targets, model_name=args.model,
-                   out_dir=args.out, log=log)
+    with _writing(args.out):
+        result = bench(model, tok, None if args.targets_only else spec, targets, model_name=args.model,
+                       out_dir=args.out, log=log)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "target_records"}, default=str))
         return
@@ -336,7 +446,7 @@ def _add_common(p: argparse.ArgumentParser, several: bool = False) -> None:
     from kvbench.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local dir, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--ratio", type=float, help="fraction of the cache KEPT, in (0, 1] (kvpress: 1 - this)")
     p.add_argument("--budget", type=int, help="tokens kept (replaces --ratio)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method setting; repeatable")
@@ -402,7 +512,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="memory and speed of methods vs the full cache: bytes, peak memory, "
                                      "prefill, decoding, throughput; --targets checks the performance targets")
     p.add_argument("--model", default="smollm2-135m", help="alias, local dir, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--methods", help="comma-separated (default: streamingllm,h2o,snapkv,pyramidkv,chunkkv,shotkv)")
     p.add_argument("--ratios", help="comma-separated fractions kept (default: 0.1,0.3)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -420,7 +530,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="attention over the prompt per layer and head (entropy, segments, "
                                        "concentration) and each method's attention recall; PNGs + JSON")
     p.add_argument("--model", default="smollm2-135m", help="alias, local dir, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--task", required=True, help="task name(s), comma-separated")
     p.add_argument("--limit", type=int, default=4, help="samples per task (the first N, as `kvbench run`)")
     p.add_argument("--shots", type=int)
@@ -440,11 +550,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)  # None: done; 1: done, but some samples failed (`kvbench run`)
     except KvbenchError as e:
         print(f"kvbench: error: {e}", file=sys.stderr)
+        return e.status
+    except OSError as e:  # a path the user gave: full disk, read-only, permissions, wrong kind
+        if e.filename is None:  # not about a path (e.g. a network error): not the user's to fix here
+            raise
+        fix = _OS_FIXES.get(e.errno, "check the path or give another")
+        print(f"kvbench: error: {e.filename}: {e.strerror or e}; {fix}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

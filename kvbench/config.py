@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,7 +214,7 @@ def parse(data, where: str = "config") -> Experiment:
     if executor not in ("local", "ray"):
         raise _fail(where, f"executor {executor!r}: use local or ray")
     device = data.get("device", "cpu")
-    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+    if not is_device(device):
         raise _fail(where, f"device {device!r}: use cpu, cuda, cuda:N or mps")
     chat = data.get("chat", False)
     if not isinstance(chat, bool):
@@ -230,11 +232,16 @@ def read(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists() and not p.suffix and (CONFIGS_DIR / f"{path}.yaml").exists():
         p = CONFIGS_DIR / f"{path}.yaml"
+    if p.is_dir():
+        raise KvbenchError(f"config {path} is a directory; give a YAML file in it or a shipped config name")
     if not p.is_file():
         shipped = ", ".join(sorted(x.stem for x in CONFIGS_DIR.glob("*.yaml")))
         raise KvbenchError(f"config file {path} not found; give a YAML file or a shipped config ({shipped})")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise KvbenchError(f"{p}: cannot read the config ({getattr(e, 'strerror', None) or e}); "
+                           "give a readable UTF-8 YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -242,6 +249,70 @@ def read(path: str | Path) -> dict:
     if data is not None and not isinstance(data, dict):
         raise KvbenchError(f"{p}: the top level must be a mapping (models:, methods:, tasks:, ...)")
     return data or {}
+
+
+def is_device(device) -> bool:
+    """A device name kvbench runs on: cpu, cuda, cuda:N or mps."""
+    return isinstance(device, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", device) is not None
+
+
+# Paths the user names are checked before any work, so a long job never fails at its end for a path.
+def in_file(path: str | Path, what: str) -> Path:
+    """A file to read: it exists, is a file, and opens."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise KvbenchError(f"{what} {p} is a directory; give a file")
+    if not p.is_file():
+        raise KvbenchError(f"{what} {p} not found; check the path")
+    try:
+        p.open("rb").close()
+    except OSError as e:
+        raise KvbenchError(f"{what} {p}: cannot read it ({e.strerror}); check its permissions") from None
+    return p
+
+
+def out_dir(path: str | Path, what: str) -> Path:
+    """A directory to write into: one that exists, or that `mkdir -p` can create. Nothing is left behind:
+    writability is probed by creating and removing a directory where the first new one would go."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise KvbenchError(f"{what} {p} is a file, not a directory; give a directory (it is created if missing)")
+    base = p
+    while not base.exists():  # the nearest existing ancestor: where mkdir -p starts creating
+        base = base.parent
+    if not base.is_dir():
+        raise KvbenchError(f"{what} {p}: {base} is a file, so no directory can be made under it; give another path")
+    _probe(base, what, p)
+    return p
+
+
+def out_file(path: str | Path, what: str) -> Path:
+    """A file to write or append to, in an existing directory; an existing file's content is not touched."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise KvbenchError(f"{what} {p} is a directory; give a file path, e.g. {p / 'rows.jsonl'}")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise KvbenchError(f"{what} {p}: {p.parent} is a file, not a directory; give another path")
+    if not p.parent.is_dir():
+        raise KvbenchError(f"{what} {p}: the directory {p.parent} does not exist; create it or give another path")
+    if p.exists():
+        try:
+            p.open("ab").close()  # appending nothing: proves it can be written, changes nothing
+        except OSError as e:
+            raise KvbenchError(f"{what} {p}: cannot write it ({e.strerror}); check its permissions "
+                               "or give another path") from None
+    else:
+        _probe(p.parent, what, p)
+    return p
+
+
+def _probe(base: Path, what: str, p: Path) -> None:
+    """Create and remove a directory in `base`: the only test of writability that holds for root, read-only
+    mounts and pseudo file systems alike."""
+    try:
+        tempfile.TemporaryDirectory(dir=base, prefix=".kvbench-probe-").cleanup()
+    except OSError as e:
+        raise KvbenchError(f"{what} {p}: cannot write in {base} ({e.strerror}); give a writable path") from None
 
 
 def tokenizers(exp: Experiment, offline_check: bool = False) -> list[tuple]:

@@ -75,6 +75,38 @@ def split_whitespace(context: str, continuation: str) -> tuple[str, str]:
     return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
 
 
+def check_model_args(pretrained: str = "smollm2-135m", method: str = "full", dtype: str = "float32",
+                     device: str | None = None, segments: str = "none", max_gen_toks: int = 256,
+                     batch_size: int | str | None = None, max_batch_size: int | None = None, **settings):
+    """The kvbench model's arguments, checked without loading anything; returns the method to run.
+
+    Called by `main` before lm-eval indexes its tasks (slow) and by `KvbenchLM` before the model loads.
+    """
+    from kvbench.config import DTYPES, is_device
+    from kvbench.methods import make_method
+    from kvbench.models import check_model
+
+    if segments not in SEGMENTS:
+        raise KvbenchError(f"segments={segments!r}: use one of {', '.join(SEGMENTS)}")
+    if not isinstance(dtype, torch.dtype) and str(dtype) not in (*DTYPES, "auto"):
+        raise KvbenchError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)} or auto")
+    if device is not None and not is_device(str(device)):
+        raise KvbenchError(f"device={device!r}: use cpu, cuda, cuda:N or mps")
+    if isinstance(max_gen_toks, bool) or not str(max_gen_toks).isdigit() or int(max_gen_toks) < 1:
+        raise KvbenchError(f"max_gen_toks={max_gen_toks!r}: give a whole number >= 1, e.g. max_gen_toks=256")
+    if "ratio" in settings and "budget" in settings:
+        raise KvbenchError("ratio= and budget= given together in model_args; give only one of them")
+    if "ratio" in settings:
+        try:
+            settings["ratio"] = float(settings["ratio"])
+        except (TypeError, ValueError):
+            raise KvbenchError(f"ratio={settings['ratio']!r}: give the fraction kept, in (0, 1], "
+                               "e.g. ratio=0.3") from None
+    made = make_method(str(method), **settings)  # unknown methods and settings, out-of-range ratios fail here
+    check_model(str(pretrained))
+    return made
+
+
 def _device(device: str | None) -> str:
     """lm-eval's command line asks for "cuda" by default: fall back to the CPU where there is none, as HFLM does."""
     if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
@@ -92,14 +124,9 @@ class KvbenchLM(LM):
                  device: str | None = None, segments: str = "none", max_gen_toks: int = 256,
                  batch_size: int | str | None = None, max_batch_size: int | None = None, **settings):
         super().__init__()
-        from kvbench.methods import make_method
         from kvbench.models import load_model
 
-        if segments not in SEGMENTS:
-            raise KvbenchError(f"segments={segments!r}: use one of {', '.join(SEGMENTS)}")
-        if "ratio" in settings:
-            settings["ratio"] = float(settings["ratio"])
-        self.method = make_method(str(method), **settings)  # unknown settings fail here, before the model loads
+        self.method = check_model_args(pretrained, method, dtype, device, segments, max_gen_toks, **settings)
         self.segments, self.max_gen_toks = segments, int(max_gen_toks)
         self.model, self.tok = load_model(str(pretrained), dtype=dtype, device=_device(device))
         self._device = self.model.device
@@ -164,13 +191,67 @@ class KvbenchLM(LM):
         return {"model": self.name, "kvbench_method": self.method.name, "kvbench_settings": asdict(self.method)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m kvbench.lmeval ARGS`: lm-eval's command line, with the kvbench model registered."""
+def _precheck(argv: list[str]) -> None:
+    """What lm-eval checks only after indexing its tasks or evaluating (an --output_path it cannot write is a
+    warning at the very end), checked now: the kvbench model's arguments and the output path."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from lm_eval._cli.harness import HarnessCLI
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    from kvbench.config import out_dir
+
+    saved = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        args = HarnessCLI().parse_args()  # its usage errors exit 2, as lm_eval's do
+    finally:
+        sys.argv = saved
+    if getattr(args, "command", None) != "run":
+        return
+    logging.disable(logging.WARNING)  # lm-eval warns again when it parses the same flags
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and prints a --config once is enough
+            cfg = EvaluatorConfig.from_cli(args)
+    finally:
+        logging.disable(logging.NOTSET)
+    if cfg.output_path:
+        path = Path(cfg.output_path)
+        out_dir(path.parent if path.suffix == ".json" else path, "--output_path")
+    if cfg.model == "kvbench":
+        check_model_args(**{**(cfg.model_args or {}), **({"device": cfg.device} if cfg.device else {})})
+
+
+def _from_lm_eval_config(e: BaseException) -> bool:
+    """Raised by lm-eval's own check of its flags (`EvaluatorConfig`: unknown tasks, flags that need others)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == "lm_eval.config.evaluate_config"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kvbench-lm-eval ARGS` (`python -m kvbench.lmeval`): lm-eval's command line, with the kvbench model
+    registered. A problem with the arguments is one line on stderr and exit status 2, before any work."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _precheck(argv)
+        sys.argv = ["lm_eval", *argv]
+        cli_evaluate()
+    except KvbenchError as e:
+        print(f"kvbench: error: {e}", file=sys.stderr)
+        return e.status
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if not _from_lm_eval_config(e):
+            raise
+        print(f"kvbench: error: {e}; see `kvbench-lm-eval run --help`", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -263,14 +263,16 @@ def read_prompt_file(path: str | Path) -> list[Part]:
     """Parts of a prompt file: a ``.json`` file via `load_parts`; any other file is
     one ``question`` part holding its text, trailing newlines removed."""
     path = Path(path)
+    if path.is_dir():
+        raise KvbenchError(f"{path}: the prompt file is a directory; give a text or .json file")
     if path.suffix.lower() == ".json":
         return load_parts(path)
     try:
         text = path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise KvbenchError(
-            f"{path}: cannot read prompt file ({e}); give a UTF-8 text or .json file"
-        ) from None
+    except OSError as e:
+        raise KvbenchError(f"{path}: cannot read prompt file ({e.strerror}); check the path") from None
+    except UnicodeDecodeError:
+        raise KvbenchError(f"{path}: the prompt file is not UTF-8 text; give a UTF-8 text or .json file") from None
     if not text.strip():
         raise KvbenchError(f"{path}: the prompt file is empty; write the prompt into it")
     return [Part("question", text)]

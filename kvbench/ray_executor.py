@@ -2,8 +2,13 @@
 
 Each worker is an actor that loads its model once and runs `runner.Worker.run` on the jobs
 it is given; rows come back to the driver, which alone writes the store (so the store
-needs no network file system and a worker's crash costs only its job). Jobs are handed
-out as workers free up, so a slow task does not hold the others back.
+needs no network file system). Jobs are handed out as workers free up, so a slow task does
+not hold the others back.
+
+A worker that dies mid-job (killed, crashed, out of host memory) returns nothing for that
+job, so nothing of it was stored: the job goes back in the queue and a fresh worker takes
+it, up to `RETRIES` times; after that its samples are recorded as failed and the run goes
+on. A sample that raises inside a worker is that sample's failure, as in the local executor.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from kvbench.config import Experiment
 from kvbench.errors import KvbenchError
 from kvbench.store import Store
+
+RETRIES = 2  # fresh workers a job gets after the one running it died
 
 
 def _ray():
@@ -31,11 +38,11 @@ class _Actor:
     def check(self) -> None:
         self.worker.check_fits()
 
-    def run(self, job, done, full_answers) -> list[dict]:
+    def run(self, job, done, full_answers) -> tuple[list[dict], list[dict]]:
         return self.worker.run(job, done, full_answers)
 
 
-def run_ray(exp: Experiment, store: Store, jobs: list, total) -> None:
+def run_ray(exp: Experiment, store: Store, jobs: list, total, guard) -> None:
     """Run `jobs` on Ray (`exp.address`, or a local Ray started here) and store rows as they arrive."""
     from kvbench.runner import _full_answers
 
@@ -59,22 +66,49 @@ def run_ray(exp: Experiment, store: Store, jobs: list, total) -> None:
             spec_of = {j: exp.tasks[j.task] for j in mine}
             actors = [actor_cls.remote(exp, model) for _ in range(max(1, min(slots, len(mine))))]
             ray.get(actors[0].check.remote())  # every prompt fits, before the work starts
-            free, pending = list(actors), {}
+            free, pending, deaths = list(actors), {}, {}
             queue = list(mine)
             while queue or pending:
                 while queue and free:
                     job, actor = queue.pop(0), free.pop()
                     spec = spec_of[job]
                     ref = actor.run.remote(job, store.done(model, spec.key), _full_answers(store, model, spec))
-                    pending[ref] = actor
+                    pending[ref] = (actor, job)
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    free.append(pending.pop(ref))
-                    rows = ray.get(ref)
-                    store.add(rows)
+                    actor, job = pending.pop(ref)
+                    try:
+                        rows, failed = ray.get(ref)
+                    except ray.exceptions.RayActorError as e:  # the worker died: nothing of this job was stored
+                        free.append(actor_cls.remote(exp, model))  # the dead one's replacement
+                        deaths[job] = deaths.get(job, 0) + 1
+                        if deaths[job] <= RETRIES:
+                            queue.append(job)
+                        else:
+                            _worker_died(store, exp, job, deaths[job], e, guard)
+                        continue
+                    free.append(actor)
+                    with guard.write():
+                        store.add(rows)
+                        for f in failed:
+                            store.fail(f)
                     total.update(len(rows))
-            for a in actors:
+            for a in free:
                 ray.kill(a)
     finally:
         if started:
             ray.shutdown()
+
+
+def _worker_died(store: Store, exp: Experiment, job, tries: int, e: Exception, guard) -> None:
+    """The job's samples as failures: every worker that ran it died."""
+    from kvbench.evaluate import configurations, label
+
+    spec = exp.tasks[job.task]
+    configs = [label(c) for c in configurations(exp.method_objects())]
+    error = f"the Ray worker running this job died {tries} times ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    with guard.write():
+        for sid in job.samples:
+            done = store.done(job.model, spec.key).get(sid, set())
+            store.fail({"model": job.model, "task": spec.name, "task_key": spec.key, "sample": sid,
+                        "configs": [c for c in configs if c not in done], "error": error, "trace": ""})

@@ -53,7 +53,8 @@ ROW_FIELDS = ("model", "task", "task_key", "ability", "metric", "sample", "promp
 SUMMARY_FIELDS = ("model", "task", "task_key", "ability", "metric", "config", "method", "ratio", "budget", "n",
                   "score", "score_lo", "score_hi", "n_paired", "dp", "dp_lo", "dp_hi", "dp_kind", "dp_significant",
                   "group", "best", "same_as_best", "agree", "delta_nll", "kl", "kept_fraction", "cache_fraction",
-                  "cache_bytes", "bytes_saved", "seconds")
+                  "cache_bytes", "bytes_saved", "seconds", "n_failed")
+FAILURE_FIELDS = ("model", "task", "task_key", "sample", "configs", "error")
 
 
 # ---------------------------------------------------------------- statistics
@@ -131,13 +132,26 @@ def _frac(a, b):
     return None if a is None or not b else a / b
 
 
-def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """One record per (model, task_key, config): score and 95% CI, paired ΔP and CI, fidelity, bytes, marks."""
+def _failed_counts(failures: list[dict] | None) -> dict[tuple, int]:
+    """(model, task_key, config) -> samples whose evaluation failed: they have no row, so they are not in n."""
+    out: dict[tuple, int] = defaultdict(int)
+    for f in failures or []:
+        for c in f["configs"]:
+            out[(f["model"], f["task_key"], c)] += 1
+    return out
+
+
+def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0, failures: list[dict] | None = None) -> list[dict]:
+    """One record per (model, task_key, config): score and 95% CI, paired ΔP and CI, fidelity, bytes, marks.
+
+    `failures` (the store's) are counted per configuration as `n_failed`, never scored.
+    """
     groups = _group_rows(rows)
+    failed = _failed_counts(failures)
     full_of = {(m, t): g for (m, t, c), g in groups.items() if next(iter(g.values()))["method"] == "full"}
     out = []
     for (model, task_key, config), by_sample in groups.items():
-        rs = list(by_sample.values())
+        rs = [by_sample[k] for k in sorted(by_sample)]  # by sample id: the bootstrap must not see the row order
         r0 = rs[0]
         scores = np.array([r["score"] for r in rs], float)
         lo, hi = _interval(scores[_resample(len(rs), _rng(seed, model, task_key, config), n_boot)].mean(1))
@@ -153,7 +167,7 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> list[dict]
                "cache_bytes": _mean(rs, lambda r: r.get("cache_bytes")),
                "bytes_saved": _mean(rs, lambda r: None if r.get("cache_bytes") is None or r.get("full_cache_bytes")
                                     is None else r["full_cache_bytes"] - r["cache_bytes"]),
-               "seconds": _mean(rs, lambda r: r.get("seconds"))}
+               "seconds": _mean(rs, lambda r: r.get("seconds")), "n_failed": failed.get((model, task_key, config), 0)}
         full = full_of.get((model, task_key))
         if full is not None and r0["method"] != "full":
             rec.update(_delta_p(by_sample, full, _rng(seed, model, task_key, config, "full"), n_boot))
@@ -246,10 +260,20 @@ def _marks(s: dict) -> tuple[str, str]:
     return vs_full, vs_best
 
 
-def table(summary: list[dict], efficiency: list[dict] | None = None) -> str:
-    """The terminal report: per task, score ± CI, ΔP [paired CI] and marks per config; then the Pareto lists."""
+def _failure_lines(failures: list[dict] | None) -> list[str]:
+    if not failures:
+        return []
+    return ["", f"Failures: {len(failures)} sample(s) failed and are not scored (n counts scored samples only); "
+                "run the same command again to retry them:",
+            *(f"  {f['model']} · {f['task_key']} · sample {f['sample']} · {', '.join(f['configs'])}: {f['error']}"
+              for f in failures)]
+
+
+def table(summary: list[dict], efficiency: list[dict] | None = None, failures: list[dict] | None = None) -> str:
+    """The terminal report: per task, score ± CI, ΔP [paired CI] and marks per config; then the Pareto lists
+    and the samples that failed."""
     if not summary:
-        return "no results"
+        return "\n".join(["no results", *_failure_lines(failures)])
     w = min(max(6, *(len(s["config"]) for s in summary)), 28)
     head = (f"{'config':<{w}} {'n':>4}  {'score':>5} {'95% CI':<13} {'ΔP':>9} {'95% CI (paired)':<16} {'':<4} "
             f"{'':<5} {'kept':>5} {'cache':>5} {'agree':>5} {'KL':>6}")
@@ -257,7 +281,9 @@ def table(summary: list[dict], efficiency: list[dict] | None = None) -> str:
     for s in summary:
         if (s["model"], s["task_key"]) != current:
             current = (s["model"], s["task_key"])
-            lines += ["", f"{s['model']} · {s['task_key']} ({s['ability']}, {s['metric']})", head]
+            failed = max((x["n_failed"] for x in summary if (x["model"], x["task_key"]) == current), default=0)
+            note = f" · {failed} sample(s) failed, not scored" if failed else ""
+            lines += ["", f"{s['model']} · {s['task_key']} ({s['ability']}, {s['metric']}){note}", head]
         dp, dp_ci = _dp_text(s)
         vs_full, vs_best = _marks(s)
         ci = f"[{s['score_lo']:.2f}, {s['score_hi']:.2f}]"
@@ -280,6 +306,7 @@ def table(summary: list[dict], efficiency: list[dict] | None = None) -> str:
         lines += ["", "No full-cache rows: ΔP and the Pareto view need `full` among the run's methods."]
     if efficiency:
         lines += ["", "Efficiency:", *_text_grid(efficiency)]
+    lines += _failure_lines(failures)
     return "\n".join(lines).lstrip("\n")
 
 
@@ -534,7 +561,8 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def _html(run_dir: Path, summary: list[dict], plots: list[tuple], efficiency: list[dict] | None, n_rows: int) -> str:
+def _html(run_dir: Path, summary: list[dict], plots: list[tuple], efficiency: list[dict] | None, n_rows: int,
+          failures: list[dict] | None = None) -> str:
     parts = [f"<h1>kvbench report: {html.escape(run_dir.name or str(run_dir))}</h1>",
              f"<p>{n_rows} result rows; {len(summary)} (model, task, configuration) groups. "
              "Scores with 95% bootstrap CIs over samples; ΔP = (P<sub>c</sub> − P<sub>full</sub>) / P<sub>full</sub> "
@@ -542,6 +570,9 @@ def _html(run_dir: Path, summary: list[dict], plots: list[tuple], efficiency: li
              "<i>n.s.</i>: ΔP not significant; <i>best</i> / <i>≈best</i>: best score at this ratio / not "
              "significantly below it. Exports: <a href='results.csv'>results.csv</a>, "
              "<a href='summary.csv'>summary.csv</a>, <a href='summary.json'>summary.json</a>.</p>"]
+    if failures:
+        parts.append(f"<p class='note'><b>{len(failures)} sample(s) failed</b> and are not scored: see "
+                     "<a href='#failures'>Failures</a>.</p>")
     if any(s["ratio"] is None for s in summary):
         parts.append("<p>Budget configurations (a token count, not a ratio) appear in the tables and the Pareto "
                      "view, not in the plots against ratio.</p>")
@@ -549,7 +580,8 @@ def _html(run_dir: Path, summary: list[dict], plots: list[tuple], efficiency: li
               "agree", "ΔNLL", "KL"]
     for key in dict.fromkeys((s["model"], s["task_key"]) for s in summary):
         here = [s for s in summary if (s["model"], s["task_key"]) == key]
-        body = [[s["config"], str(s["n"]), f"{s['score']:.3f}", f"[{s['score_lo']:.3f}, {s['score_hi']:.3f}]",
+        body = [[s["config"], str(s["n"]) + (f" ({s['n_failed']} failed)" if s.get("n_failed") else ""),
+                 f"{s['score']:.3f}", f"[{s['score_lo']:.3f}, {s['score_hi']:.3f}]",
                  *_dp_text(s), *_marks(s), f"{100 * s['cache_fraction']:.0f}%", f"{100 * s['kept_fraction']:.0f}%",
                  f"{s['agree']:.2f}", f"{s['delta_nll']:.3f}", f"{s['kl']:.3f}"] for s in here]
         parts.append(f"<h3>{html.escape(key[0])} · {html.escape(key[1])} "
@@ -565,6 +597,13 @@ def _html(run_dir: Path, summary: list[dict], plots: list[tuple], efficiency: li
     if efficiency:
         keys = list(dict.fromkeys(k for r in efficiency for k in r))
         parts += ["<h2>Efficiency</h2>", _html_table(keys, [[_cell(r.get(k)) for k in keys] for r in efficiency])]
+    if failures:
+        parts += ["<h2 id='failures'>Failures</h2><p>Samples whose evaluation raised: not scored, not counted in n. "
+                  "Run the same command again to retry them (and only them, plus what is missing); "
+                  "tracebacks are in the <code>failures</code> table of results.sqlite.</p>",
+                  _html_table(["model", "task", "sample", "configurations", "error"],
+                              [[f["model"], f["task_key"], str(f["sample"]), ", ".join(f["configs"]), f["error"]]
+                               for f in failures])]
     from kvbench.analysis import html_section
 
     parts.append(html_section(run_dir))  # attention analysis (`kvbench analyze --out RUN_DIR`), when present
@@ -585,13 +624,13 @@ def _html(run_dir: Path, summary: list[dict], plots: list[tuple], efficiency: li
 
 
 def write(run_dir, rows: list[dict], efficiency: list[dict] | None = None, n_boot: int = 2000, seed: int = 0,
-          summary: list[dict] | None = None) -> Path:
+          summary: list[dict] | None = None, failures: list[dict] | None = None) -> Path:
     """Write report.html, plots/*.png, results.csv, summary.csv and summary.json into `run_dir`; return the HTML.
 
-    `summary` (from `summarize(rows, n_boot, seed)`) may be passed to avoid computing it twice.
+    `summary` (from `summarize(rows, n_boot, seed, failures)`) may be passed to avoid computing it twice.
     """
     run_dir = Path(run_dir)
-    summary = summarize(rows, n_boot, seed) if summary is None else summary
+    summary = summarize(rows, n_boot, seed, failures) if summary is None else summary
     folder = run_dir / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):  # plots of an earlier report of this run
@@ -602,7 +641,8 @@ def write(run_dir, rows: list[dict], efficiency: list[dict] | None = None, n_boo
     doc = {"statistics": {"ci": 0.95, "interval": "percentile bootstrap", "n_boot": n_boot, "seed": seed,
                           "dp": "(P_c - P_full) / P_full, paired; 'absolute' when P_full = 0; null = unbounded"},
            "summary": summary, "pareto": [{"model": m, "ability": a, "points": pts} for (m, a), pts in
-                                          sorted(pareto(summary).items())], "efficiency": efficiency}
+                                          sorted(pareto(summary).items())], "efficiency": efficiency,
+           "failures": [{k: f.get(k) for k in FAILURE_FIELDS} for f in failures or []]}
     text = json.dumps(_finite(doc), indent=1, allow_nan=False, default=str)
     (run_dir / "summary.json").write_text(text, encoding="utf-8")
     models = sorted({s["model"] for s in summary})
@@ -615,14 +655,14 @@ def write(run_dir, rows: list[dict], efficiency: list[dict] | None = None, n_boo
         _plot_details(plots, my_rows)
         items += plots.items
     path = run_dir / "report.html"
-    path.write_text(_html(run_dir, summary, items, efficiency, len(rows)), encoding="utf-8")
+    path.write_text(_html(run_dir, summary, items, efficiency, len(rows), failures), encoding="utf-8")
     return path
 
 
-def main(run_dir, rows: list[dict], efficiency: list[dict] | None = None) -> Path:
+def main(run_dir, rows: list[dict], efficiency: list[dict] | None = None, failures: list[dict] | None = None) -> Path:
     """What `kvbench report RUN_DIR` (and the end of `kvbench run`) does: write the files, print the table."""
-    summary = summarize(rows)
-    path = write(run_dir, rows, efficiency, summary=summary)
-    print(table(summary, efficiency))
+    summary = summarize(rows, failures=failures)
+    path = write(run_dir, rows, efficiency, summary=summary, failures=failures)
+    print(table(summary, efficiency, failures))
     print(f"\nreport: {path}")
     return path

@@ -11,16 +11,22 @@ the one store.
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
+import sqlite3
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
+from kvbench import faults
 from kvbench.config import Experiment, TaskSpec, validate
-from kvbench.errors import KvbenchError
-from kvbench.store import Store
+from kvbench.errors import Interrupted, KvbenchError
+from kvbench.store import Store, describe_failure
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,13 @@ class Worker:
                                        f"ones exceed {self.model_name}'s {limit}-token window; lower max_new_tokens")
 
     def run(self, job: Job, done: dict[str, set[str]], full_answers: dict[str, str | None],
-            on_sample=None) -> list[dict]:
-        """Rows for the job's samples, only the configurations not in `done`."""
+            on_sample=None, on_failure=None) -> tuple[list[dict], list[dict]]:
+        """Rows for the job's samples, only the configurations not in `done`, and the samples that failed.
+
+        A sample whose evaluation raises is a failure (its one-line error and traceback kept), not a
+        reason to stop: the job goes on with the next sample. Errors that would recur for every sample
+        (see `fatal`) and interruptions propagate.
+        """
         from kvbench.evaluate import configurations, evaluate_sample, label
 
         spec, task = self.exp.tasks[job.task], self.tasks[job.task]
@@ -115,16 +126,45 @@ class Worker:
         chat = self.exp.chat if spec.chat is None else spec.chat
         max_new = spec.max_new_tokens or self.exp.max_new_tokens
         by_id = {s.id: s for s in task.samples(_limit(self.exp, spec))}
-        out = []
+        out, failed = [], []
         for sid in job.samples:
             todo = [c for c in configs if label(c) not in done.get(sid, set())]
-            rows = [] if not todo else evaluate_sample(self.model, self.tok, task, by_id[sid], todo, chat,
-                                                       self.exp.mc, max_new, full_answers.get(sid))
+            try:
+                faults.hit("sample", sid)
+                rows = [] if not todo else evaluate_sample(self.model, self.tok, task, by_id[sid], todo, chat,
+                                                           self.exp.mc, max_new, full_answers.get(sid))
+            except Exception as e:  # noqa: BLE001 (one sample's error must not end the run; fatal ones re-raised)
+                if fatal(e):
+                    raise
+                _free_memory(e)
+                f = {"model": self.model_name, "task": spec.name, "task_key": spec.key, "sample": sid,
+                     "configs": [label(c) for c in todo], **describe_failure(e)}
+                failed.append(f)
+                if on_failure:
+                    on_failure(f)
+                continue
             recs = [record(self.model_name, spec, task, r, self.settings[r.config]) for r in rows]
             out += recs
             if on_sample:
                 on_sample(recs)
-        return out
+        return out, failed
+
+
+def fatal(e: BaseException) -> bool:
+    """Errors that would recur for every sample, so the run stops at once: the disk or the store failing,
+    a problem the user must fix (KvbenchError). Anything else (an exception in one sample's evaluation,
+    out of memory on one long prompt) is that sample's failure."""
+    if isinstance(e, (KvbenchError, sqlite3.Error)):
+        return True
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def _free_memory(e: BaseException) -> None:
+    """After a CUDA out-of-memory, give the cached blocks back so the next sample starts clean."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _method_settings(methods) -> dict[str, dict]:
@@ -153,7 +193,12 @@ def save_config(exp: Experiment, out: Path) -> None:
 
 
 def run(exp: Experiment, out: str | Path, progress: bool = True, dry_run: bool = False) -> Path:
-    """Run (or resume) the experiment into `out`; returns the run directory."""
+    """Run (or resume) the experiment into `out`; returns the run directory.
+
+    Failed samples are recorded, not fatal, and a re-run retries them (they have no rows). SIGINT and
+    SIGTERM end the run between two statements of the store: what is stored stays stored, and
+    `Interrupted` says how to resume.
+    """
     from tqdm.auto import tqdm
 
     validate(exp, offline_check=dry_run)  # everything the user can get wrong fails here, before any work
@@ -164,20 +209,75 @@ def run(exp: Experiment, out: str | Path, progress: bool = True, dry_run: bool =
     store = Store(out)
     save_config(exp, out)
     jobs, todo, stored = plan(exp, store)
-    print(f"kvbench: {todo} results to compute, {stored} already stored in {out / 'results.sqlite'}",
-          file=sys.stderr)
+    retried = len(store.failures())
+    print(f"kvbench: {todo} results to compute, {stored} already stored in {out / 'results.sqlite'}"
+          + (f"; retrying {retried} failed sample(s)" if retried else ""), file=sys.stderr)
     total = tqdm(total=todo, desc="run", unit="result", disable=not progress, position=0, dynamic_ncols=True)
-    if exp.executor == "ray":
-        from kvbench.ray_executor import run_ray
+    try:
+        with _signals_end_the_run() as guard:
+            if exp.executor == "ray":
+                from kvbench.ray_executor import run_ray
 
-        run_ray(exp, store, jobs, total)
-    else:
-        _run_local(exp, store, jobs, total, progress)
+                run_ray(exp, store, jobs, total, guard)
+            else:
+                _run_local(exp, store, jobs, total, progress, guard)
+    except Interrupted as e:
+        total.close()
+        raise Interrupted(f"{e}: {len(store)} results are stored in {store.path}; run the same command again "
+                          "to resume", e.status - 128) from None
     total.close()
+    failures = store.failures()
+    if failures:
+        where = "; ".join(f"{f['task_key']} sample {f['sample']}: {f['error']}" for f in failures[:3])
+        print(f"kvbench: {len(failures)} sample(s) failed ({where}{'; ...' if len(failures) > 3 else ''}); "
+              "the report lists them; run the same command again to retry them", file=sys.stderr)
     return out
 
 
-def _run_local(exp: Experiment, store: Store, jobs: list[Job], total, progress: bool) -> None:
+class _Guard:
+    """Where a signal may end the run: anywhere but inside a store write (which then finishes first)."""
+
+    def __init__(self):
+        self.writing, self.pending = False, None
+
+    @contextmanager
+    def write(self):
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+        if self.pending is not None:
+            raise _interrupted(self.pending)
+
+
+def _interrupted(signum: int) -> Interrupted:
+    return Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
+@contextmanager
+def _signals_end_the_run():
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread (deferred while a store write is under way)."""
+    guard = _Guard()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard  # signals are delivered to the main thread only; nothing to install here
+        return
+
+    def handler(signum, frame):
+        if guard.writing:
+            guard.pending = signum
+        else:
+            raise _interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield guard
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run_local(exp: Experiment, store: Store, jobs: list[Job], total, progress: bool, guard: _Guard) -> None:
     from tqdm.auto import tqdm
 
     for model in exp.models:
@@ -192,11 +292,20 @@ def _run_local(exp: Experiment, store: Store, jobs: list[Job], total, progress: 
                        disable=not progress, position=1, dynamic_ncols=True)
 
             def stored(recs, bar=bar):
-                store.add(recs)  # one transaction per sample: a kill loses at most this sample
+                with guard.write():
+                    store.add(recs)  # one transaction per sample: a kill loses at most this sample
                 total.update(len(recs))
                 bar.update(1)
 
-            worker.run(job, store.done(model, spec.key), _full_answers(store, model, spec), on_sample=stored)
+            def failed(f, bar=bar):
+                with guard.write():
+                    store.fail(f)
+                bar.update(1)
+                tqdm.write(f"kvbench: {f['model']} {f['task_key']} sample {f['sample']} failed: {f['error']}",
+                           file=sys.stderr)
+
+            worker.run(job, store.done(model, spec.key), _full_answers(store, model, spec), on_sample=stored,
+                       on_failure=failed)
             bar.close()
 
 

@@ -22,7 +22,21 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-"${PIP[@]}" torch==2.13.0
+# torch first. A plain `torch==2.13.0` resolves to the CUDA build (+ ~6 GB of NVIDIA libraries),
+# so without a CUDA GPU ask for the CPU build by its local version. KVBENCH_TORCH=cpu|cuda
+# overrides the detection; KVBENCH_TORCH=skip keeps whatever torch is already installed.
+# (Where `+cpu` wheels are not on your pip's indexes, add PyTorch's CPU wheel index to
+# PIP_EXTRA_INDEX_URL.)
+TORCH_BUILD=${KVBENCH_TORCH:-auto}
+if [ "$TORCH_BUILD" = auto ]; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then TORCH_BUILD=cuda; else TORCH_BUILD=cpu; fi
+fi
+case "$TORCH_BUILD" in
+  cpu) "${PIP[@]}" torch==2.13.0+cpu ;;
+  cuda) "${PIP[@]}" torch==2.13.0 ;;
+  skip) .venv/bin/python -c "import torch" ;;
+  *) echo "setup: KVBENCH_TORCH=$TORCH_BUILD: use cpu, cuda, skip or leave it unset (auto)" >&2; exit 2 ;;
+esac
 "${PIP[@]}" -c scripts/constraints.txt -e ".[test,ray]"
 # kvpress, to compare kept tokens with (tests only; it declares transformers<5.3 and datasets,
 # neither needed by the presses compared).
