@@ -14,6 +14,17 @@ Each program runs in its own process tree with:
   rlimits-only mode, with an interpreter in a directory others cannot enter, e.g. pyenv under
   /root, the program stays root: no process limit, warned). As another user, bwrap and unshare
   make a user namespace, where the process limit counts the sandbox's own processes only;
+* no two runs share a private uid: each is leased, from the mapped uids at 100000 and up (less
+  any in use, or in /etc/subuid, e.g. rootless containers), with an exclusive ``flock`` on
+  ``UID_LEASES/<uid>`` held until its leftovers are killed. flock, not fcntl locks, so threads of
+  one process exclude each other too, and the kernel drops it when a process dies: no stale
+  leases. Killing by uid is safe only for such a uid. Where none can be had (a narrow uid map),
+  runs share uid 65534 (nobody) and are never killed by uid, which would kill concurrent runs
+  and the host's own nobody daemons: only by process group, and in bwrap and unshare by the end
+  of the PID namespace, which takes every process in it. That beats staying root (no process
+  limit, root's files readable); what it gives up, warned once: a process limit shared with the
+  other nobody processes (the limit is raised by their count at the start) and, in rlimits-only
+  mode only, a detached process can outlive its run and reach concurrent runs;
 * rlimits: CPU seconds, address space, processes, file size, open files, no core dumps;
 * a wall-clock timeout that kills the whole process group (and with it the PID namespace);
 * a scrubbed environment and stdin at /dev/null.
@@ -29,6 +40,7 @@ not something a sandbox in one process can rule out.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -53,6 +65,9 @@ FSIZE_LIMIT = 16 << 20  # bytes per file, stdout and stderr included
 NOFILE_LIMIT = 256
 TMPFS_BYTES = 64 << 20  # each private tmpfs (/tmp, which holds the working directory)
 TAIL_BYTES = 4096
+UID_LEASES = "/tmp/kvbench-uid-leases"  # root only: one flock'ed file per private uid in use (fixed, not TMPDIR)
+UID_FLOOR, UID_CEIL = 100_000, 1 << 30  # private uids come from here (below: system and regular users)
+SHARED_UID = 65534  # nobody, when no private uid is mapped: never killed by uid
 INSIDE_WORKDIR = "/tmp/kvbench-work"  # the working directory inside the namespace modes
 PATH = "/usr/local/bin:/usr/bin:/bin"
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # /run (and /run/lock) is hidden whole
@@ -259,9 +274,22 @@ def run(program: str, timeout: float = 10.0, memory_mb: int = 1024, *, mode: str
 
 def _run(program: str, timeout: float, memory_mb: int, mode: str) -> Result:
     root = os.geteuid() == 0
-    uid = _pick_uid() if root else None
-    if uid is not None and mode == "rlimits-only" and not _others_can_run_python():
-        uid = None  # the interpreter sits in a private directory: stay root (weaker, see isolation())
+    lease = None
+    # In rlimits-only mode with the interpreter in a private directory: stay root (weaker, see isolation()).
+    if root and (mode != "rlimits-only" or _others_can_run_python()):
+        lease = _lease_uid()
+    try:
+        return _run_as(program, timeout, memory_mb, mode, root, lease)
+    finally:
+        if lease is not None:
+            lease.release()  # only now: its leftover processes are gone
+
+
+def _run_as(program: str, timeout: float, memory_mb: int, mode: str, root: bool, lease: _Lease | None) -> Result:
+    uid = lease.uid if lease is not None else None
+    nproc = NPROC_LIMIT
+    if lease is not None and not lease.private:
+        nproc += _tasks_of(uid)  # shared with the host's (and concurrent runs') nobody processes
     base = Path(tempfile.mkdtemp(prefix="kvbench-sandbox-"))
     try:
         os.chmod(base, 0o711)  # the uid may pass through to base/work (rlimits-only), not list it
@@ -275,7 +303,7 @@ def _run(program: str, timeout: float, memory_mb: int, mode: str) -> Result:
             "nproc_on_top": mode == "rlimits-only" and uid is None and not root,
             "tmpfs_bytes": TMPFS_BYTES,
             "limits": [("RLIMIT_CPU", [cpu, cpu + 1]), ("RLIMIT_AS", memory_mb << 20),
-                       ("RLIMIT_NPROC", NPROC_LIMIT), ("RLIMIT_FSIZE", FSIZE_LIMIT),
+                       ("RLIMIT_NPROC", nproc), ("RLIMIT_FSIZE", FSIZE_LIMIT),
                        ("RLIMIT_NOFILE", NOFILE_LIMIT), ("RLIMIT_CORE", 0)],
         }
         env = {"PATH": PATH, "HOME": workdir, "TMPDIR": "/tmp" if mode != "rlimits-only" else workdir,
@@ -299,7 +327,7 @@ def _run(program: str, timeout: float, memory_mb: int, mode: str) -> Result:
             timed_out = not _wait_unreaped(proc.pid, timeout)
             _kill_group(proc.pid)  # before reaping the leader, so its pid still names our group
             code = proc.wait()
-            if uid is not None:
+            if lease is not None and lease.private:  # never a shared uid: that would kill others' processes
                 _kill_uid(uid)
         text = (base / "result").read_bytes()
         tail_out, tail_err = _tail(base / "stdout"), _tail(base / "stderr")
@@ -383,10 +411,29 @@ def _others_can_run_python() -> bool:
 
 
 _uid_ranges: list[tuple[int, int]] | None = None
+_warned_shared = False
+MAX_PROBES = 4096  # uids tried per lease before settling for the shared one
 
 
-def _pick_uid() -> int | None:
-    """A fresh unprivileged uid mapped in this user namespace (100000 and up), else nobody, else None."""
+class _Lease:
+    """A uid for one run. `private`: no other run, in any thread or process, holds it until `release()`."""
+
+    def __init__(self, uid: int, private: bool, fd: int | None = None, dir_fd: int | None = None):
+        self.uid, self.private, self._fd, self._dir_fd = uid, private, fd, dir_fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:  # unlinked while still locked, so a later taker never locks a file that is on its way out
+            os.unlink(str(self.uid), dir_fd=self._dir_fd)
+        except OSError:
+            pass
+        os.close(self._fd)
+        os.close(self._dir_fd)
+        self._fd = self._dir_fd = None
+
+
+def _uid_map() -> list[tuple[int, int]]:
     global _uid_ranges
     if _uid_ranges is None:
         try:
@@ -394,11 +441,121 @@ def _pick_uid() -> int | None:
             _uid_ranges = [(int(a), int(a) + int(n)) for a, _, n in (ln.split() for ln in lines if ln.strip())]
         except (OSError, ValueError):
             _uid_ranges = []
-    for lo, hi in _uid_ranges:
-        lo, hi = max(lo, 100_000), min(hi, 1 << 30)
-        if hi - lo > 1000:
-            return random.SystemRandom().randrange(lo, hi)
-    return 65534 if any(lo <= 65534 < hi for lo, hi in _uid_ranges) else None
+    return _uid_ranges
+
+
+def _free_ranges() -> list[tuple[int, int]]:
+    """The mapped uids from UID_FLOOR up, less the ranges /etc/subuid hands out (rootless containers)."""
+    free = [(max(lo, UID_FLOOR), min(hi, UID_CEIL)) for lo, hi in _uid_map()]
+    try:
+        rows = [ln.split(":") for ln in Path("/etc/subuid").read_text().splitlines()]
+        holes = [(int(f[1]), int(f[1]) + int(f[2])) for f in rows if len(f) == 3 and f[1].isdigit() and f[2].isdigit()]
+    except OSError:
+        holes = []
+    free = [(lo, hi) for lo, hi in free if lo < hi]
+    for a, b in holes:
+        free = [(x, y) for lo, hi in free for x, y in ((lo, min(hi, a)), (max(lo, b), hi)) if x < y]
+    return free
+
+
+def _lease_uid() -> _Lease | None:
+    """A private uid (see the module docstring), else the shared nobody uid, else None (stay root)."""
+    global _warned_shared
+    free = _free_ranges()
+    if free:
+        busy = _uids_in_use()
+        total = sum(hi - lo for lo, hi in free)
+        start = random.SystemRandom().randrange(total)
+        dir_fd = _lease_dir()
+        try:
+            for i in range(min(total, MAX_PROBES)):
+                k = (start + i) % total
+                for lo, hi in free:
+                    if k < hi - lo:
+                        uid = lo + k
+                        break
+                    k -= hi - lo
+                if uid not in busy and (fd := _try_lock(dir_fd, str(uid))) is not None:
+                    return _Lease(uid, True, fd, dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        os.close(dir_fd)
+    if not any(lo <= SHARED_UID < hi for lo, hi in _uid_map()):
+        return None
+    if not _warned_shared:
+        _warned_shared = True
+        warnings.warn(f"kvbench: no private uid is free in this user namespace's uid map ({_uid_map()}); generated "
+                      f"code runs as the shared uid {SHARED_UID} (nobody), whose processes are never killed by uid: "
+                      "its process limit is shared with other nobody processes and, in rlimits-only mode, a detached "
+                      f"process can outlive its run; fix: map uids from {UID_FLOOR} up (e.g. a container with a "
+                      "wider uid range)", RuntimeWarning, stacklevel=4)
+    return _Lease(SHARED_UID, False)
+
+
+def _lease_dir() -> int:
+    """UID_LEASES, opened; it must be a directory of this user that others cannot write to."""
+    try:
+        os.mkdir(UID_LEASES, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise KvbenchError(f"cannot create {UID_LEASES}, where the sandbox leases its uids ({e}); "
+                           "fix: make /tmp writable") from e
+    try:
+        fd = os.open(UID_LEASES, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise KvbenchError(f"cannot open {UID_LEASES}, where the sandbox leases its uids ({e}); fix: remove it") from e
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise KvbenchError(f"{UID_LEASES}, where the sandbox leases its uids, belongs to uid {st.st_uid} or is "
+                           f"writable by others (mode {st.st_mode & 0o777:o}); fix: remove it")
+    return fd
+
+
+def _try_lock(dir_fd: int, name: str) -> int | None:
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            return fd  # the file still in place, not one its holder unlinked as we opened it
+    except OSError:  # held (BlockingIOError), or released and unlinked meanwhile
+        pass
+    os.close(fd)
+    return None
+
+
+def _proc_uids() -> list[tuple[int, list[int]]]:
+    """(pid, [real, effective, saved, fs uid]) of every process here (stat's owner of /proc/<pid> is
+    root for a process that is not dumpable, e.g. one that changed its uid: hence the status file)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        line = next((ln for ln in status.splitlines() if ln.startswith("Uid:")), "")
+        out.append((int(entry), [int(u) for u in line.split()[1:]]))
+    return out
+
+
+def _uids_in_use() -> set[int]:
+    return {u for _, uids in _proc_uids() for u in uids}
+
+
+def _tasks_of(uid: int) -> int:
+    """Processes and threads whose real uid is `uid` (what RLIMIT_NPROC counts)."""
+    n = 0
+    for pid, uids in _proc_uids():
+        if uids[:1] == [uid]:
+            try:
+                n += len(os.listdir(f"/proc/{pid}/task"))
+            except OSError:
+                pass
+    return n
 
 
 def _wait_unreaped(pid: int, timeout: float) -> bool:
@@ -427,21 +584,14 @@ def _kill_group(pgid: int) -> None:
 
 
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process whose real uid is the run's own fresh uid, until none is left."""
+    """SIGKILL every process whose real uid is the run's own leased uid, until none is left."""
     for _ in range(100):
         found = False
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                status = Path(f"/proc/{entry}/status").read_text()
-            except OSError:
-                continue
-            line = next((ln for ln in status.splitlines() if ln.startswith("Uid:")), "")
-            if line.split()[1:2] == [str(uid)]:
+        for pid, uids in _proc_uids():
+            if uids[:1] == [uid]:
                 found = True
                 try:
-                    os.kill(int(entry), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
         if not found:

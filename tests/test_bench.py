@@ -1,5 +1,11 @@
 """`kvbench bench`: byte accounting against hand-computed sizes, peak memory attribution, interleaved
-timing, batched option scoring, and the bench end to end (tiny model; one real run)."""
+timing, batched option scoring, and the bench end to end (tiny model; one real run).
+
+Tests that tokenize for real run a tiny random model of the default tokenizer's vocabulary (conftest's
+`default_tokenizer`: no weights); the one that runs the default model is marked `real`. Timings are reported,
+never asserted: of the bench's targets only the correctness ones (bytes by the rule) must be met, and the
+premises of the timing ones (they compare caches that decode alike, one prefill scores options as
+separate prefills do) are checked here as correctness."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import kvbench
 from kvbench.attention import register
 from kvbench.bench import Spec, TargetSpec, bench, render
 from kvbench.bench.measure import Trial, interleave, paired, summary
-from kvbench.bench.memory import PeakMemory, budget_bytes, index_bytes, kv_bytes, token_bytes
+from kvbench.bench.memory import PeakMemory, _reset_hwm, budget_bytes, index_bytes, kv_bytes, token_bytes
 from kvbench.bench.run import Batch, run_config
 from kvbench.bench.workload import bench_prompts
 from kvbench.methods import make_method
@@ -77,7 +83,13 @@ def test_budget_bytes_follow_the_per_layer_budget_rule():
 
 # --- peak memory -------------------------------------------------------------------------------
 
+# CPU peaks need a resettable RSS high-water mark (/proc/self/clear_refs); where the kernel or a sandbox
+# forbids it, kvbench reports no peak (None) by design, and the tests check that instead.
+HWM = _reset_hwm()
+needs_hwm = pytest.mark.skipif(not HWM, reason="/proc/self/clear_refs is not writable here: no CPU peak to test")
 
+
+@needs_hwm
 def test_peak_memory_is_attributed_to_the_block_that_allocates():
     size = 64 * 2**20
     deltas = []
@@ -94,6 +106,7 @@ def test_peak_memory_is_attributed_to_the_block_that_allocates():
     assert small.delta < 8 * 2**20
 
 
+@needs_hwm
 @pytest.mark.parametrize("pin", [True, False])
 def test_a_pinned_process_measures_live_memory_not_heap_holes(pin):
     """Earlier work leaves freed chunks in glibc's heap (a 32 MiB tensor freed raises its mmap threshold, so
@@ -149,8 +162,8 @@ def test_paired_ratios_are_per_repeat():
 
 
 @pytest.fixture(scope="module")
-def real_tok_tiny_model():
-    _, tok = kvbench.load_model()  # the real tokenizer, with a tiny random model of its vocabulary
+def real_tok_tiny_model(default_tokenizer):
+    tok = default_tokenizer  # the real tokenizer (no weights), with a tiny random model of its vocabulary
     register()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -230,8 +243,12 @@ def test_bench_runs_end_to_end_and_writes_valid_json(real_tok_tiny_model, tmp_pa
     full, snap = by["full", 1], by["snapkv", 1]
     assert full["cache_fraction_prefill"] == 1.0 and full["prefill_vs_full"] == 1.0
     assert snap["kv_bytes_prefill"] == snap["budget_bytes_prefill"]
-    assert snap["cache_fraction_prefill"] == pytest.approx(0.3, abs=0.5 / snap["prompt_tokens"])
-    assert all(r["peak_bytes"] > r["peak_delta_bytes"] >= 0 for r in rows)  # a tiny cache: no order to test here
+    n = snap["prompt_tokens"]
+    assert snap["cache_fraction_prefill"] == (n * 3 + 5) // 10 / n  # round(0.3 n), halves up, of n
+    if HWM:
+        assert all(r["peak_bytes"] > r["peak_delta_bytes"] >= 0 for r in rows)  # a tiny cache: no order to test
+    else:
+        assert all(r["peak_bytes"] is None and r["peak_delta_bytes"] is None for r in rows)
     assert all(r["peak_measured"] == "this process" for r in rows)  # a model object without a loadable name
     assert 0 < snap["compress_share"] < 1 and snap["compress_s"] > 0
     for r in rows:
@@ -253,8 +270,59 @@ def test_targets_report_a_figure_a_limit_and_a_verdict(real_tok_tiny_model):
         assert what in names
     for t in targets:
         assert t["op"] in ("<=", ">=") and isinstance(t["met"], bool) and t["figure"] == t["figure"]  # not NaN
-    bytes_targets = [t for t in targets if t["target"].startswith("cache bytes")]
-    assert len(bytes_targets) == 6 and all(t["met"] for t in bytes_targets)  # exact rule, whatever the speed
+        kind = [k for k in (*TIMING_TARGETS, *CORRECTNESS_TARGETS) if t["target"].startswith(k)]
+        assert len(kind) == 1, f"say whether this target is a timing or a correctness one: {t['target']}"
+        if kind[0] in CORRECTNESS_TARGETS:  # exact rules, whatever the machine's speed: must hold
+            assert t["met"] is True, t
+    assert sum(t["target"].startswith(CORRECTNESS_TARGETS) for t in targets) == 6  # the six eviction methods
+
+
+# What the targets measure: wall-clock ratios, reported and never asserted (a loaded machine moves them) ...
+TIMING_TARGETS = ("compression overhead", "decode-step overhead", "decode per token", "prefill once",
+                  "decoding throughput", "end-to-end throughput")
+# ... and figures a correct engine gets exactly, whatever the speed.
+CORRECTNESS_TARGETS = ("cache bytes",)
+
+
+def test_the_decoding_targets_time_caches_that_decode_alike(real_tok_tiny_model):
+    """The decode-step targets ("ratio 1.0", "the same k slots") time a kvbench cache against a transformers
+    DynamicCache holding a copy of its slots under sdpa attention: a fair race only if both decode the
+    same tokens from the same logits."""
+    from kvbench.bench.targets import _dynamic
+    from kvbench.generation import greedy
+    from kvbench.prefill import prefill
+
+    model, tok = real_tok_tiny_model
+    batch = Batch.of(tok, bench_prompts(tok, 300, 1), model.device)
+    captured = prefill(model, batch.input_ids, batch.attention_mask, batch.segments, window=64)
+    for m in (make_method("snapkv", ratio=1.0), make_method("snapkv", ratio=0.3)):
+        ours = greedy(model, captured.compress(m), captured.logits, batch.attention_mask, 10)
+        plain = _dynamic(model, captured.compress(m))
+        model.set_attn_implementation("sdpa")
+        try:
+            theirs = greedy(model, plain, captured.logits, batch.attention_mask, 10)
+        finally:
+            model.set_attn_implementation("kvbench")
+        assert torch.equal(ours, theirs), m
+
+
+def test_one_prefill_scores_options_as_one_prefill_per_configuration_does(real_tok_tiny_model):
+    """The "prefill once" target times one SampleRun serving every configuration against one SampleRun per
+    configuration: the two must choose the same options with the same scores."""
+    from kvbench.bench.targets import MC_RATIOS, SIX
+    from kvbench.evaluate import SampleRun
+    from kvbench.tasks import make_task
+
+    model, tok = real_tok_tiny_model
+    task = make_task("mmlu")
+    sample = task.samples(1)[0]
+    configs = [make_method(m, ratio=r) for m in SIX for r in MC_RATIOS]
+    once = SampleRun(model, tok, task, sample, configs, chat=False)
+    for m in configs:
+        pred, scores, _ = once.choose(m)
+        alone, alone_scores, _ = SampleRun(model, tok, task, sample, [m], chat=False).choose(m)
+        # the same prefill and the same cache, so the same sums; 1e-6 only for a differently blocked kernel
+        assert pred == alone and scores == pytest.approx(alone_scores, abs=1e-6, rel=0), m
 
 
 def test_cli_bench_on_a_model_directory(real_tok_tiny_model, tmp_path, capsys):
@@ -271,18 +339,22 @@ def test_cli_bench_on_a_model_directory(real_tok_tiny_model, tmp_path, capsys):
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert rows[1]["config"] == "streamingllm@0.5"
     # a model loadable by name: its peaks come from a fresh process (bench/peak.py)
-    assert all(r["peak_measured"] == "fresh process" and r["peak_delta_bytes"] > 0 for r in rows)
+    assert all(r["peak_measured"] == "fresh process" and (r["peak_delta_bytes"] > 0 if HWM else
+                                                          r["peak_delta_bytes"] is None) for r in rows)
     assert main(["bench", "--methods", "nope", "--quiet"]) == 2
 
 
 @pytest.mark.real
-def test_bench_on_the_default_model_prints_the_table(capsys):
-    model, tok = kvbench.load_model()
+def test_bench_on_the_default_model_prints_the_table(default_model):
+    model, tok = default_model
     spec = Spec(methods=["snapkv"], ratios=[0.3], lengths=[300], gen=4, repeats=1)
     result = bench(model, tok, spec, model_name="smollm2-135m", log=None)
     full, snap = result["rows"]
-    assert snap["cache_fraction_prefill"] == pytest.approx(0.3, abs=0.01)
-    assert snap["peak_delta_bytes"] < full["peak_delta_bytes"]
+    n = snap["prompt_tokens"]
+    assert snap["cache_fraction_prefill"] == (n * 3 + 5) // 10 / n  # round(0.3 n), halves up, of n
+    assert snap["kv_bytes_prefill"] == snap["budget_bytes_prefill"]
+    if HWM:
+        assert snap["peak_delta_bytes"] < full["peak_delta_bytes"]
     assert "snapkv@0.3" in render(result)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvbench.cli import main
 from kvbench.config import parse, read
+from kvbench.errors import KvbenchError
 from kvbench.store import Store
 
 GOOD = "models: [smollm2-135m]\nmethods: [snapkv]\nratios: [0.5]\ntasks: [mmlu]\nlimit: 2\n"
@@ -43,7 +45,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("text,args,message", BAD, ids=[m for _, _, m in BAD])
-def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, text, args, message):
+def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, text, args, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no CUDA device here" holds on a GPU host too
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(GOOD if text is None else text)
     out = tmp_path / "run"
@@ -134,3 +137,23 @@ def test_bad_storage_configs_are_one_line_and_exit_2(tmp_path, capsys, methods, 
     assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_cuda_device_passes_validation_where_cuda_is_available(tmp_path, monkeypatch):
+    """The other side of "no CUDA device here": on a host with CUDA the same config validates (checked without
+    running it: `validate` is what `kvbench run` calls before any work)."""
+    from kvbench.config import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    exp = parse(read_text(tmp_path, GOOD + "device: cuda\n"))
+    methods, tasks = validate(exp)
+    assert exp.device == "cuda" and [t.name for t in tasks] == ["mmlu"] and len(methods) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(KvbenchError, match="no CUDA device here"):
+        validate(exp)
+
+
+def read_text(tmp_path, text: str):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(text)
+    return read(str(cfg))

@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import kvbench
 from kvbench.attention import register
 from kvbench.evaluate import FULL, SampleRun, evaluate, summarize
 from kvbench.methods import make_method
@@ -41,8 +40,8 @@ class ToyGen(ToyMC):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    _, tok = kvbench.load_model()  # the real tokenizer (cached), with a tiny random model of its vocabulary
+def setup(default_tokenizer):
+    tok = default_tokenizer  # the real tokenizer (no weights), with a tiny random model of its vocabulary
     register()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,

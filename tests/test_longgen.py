@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import task_samples
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import kvbench
 from kvbench.attention import register
 from kvbench.errors import KvbenchError
 from kvbench.evaluate import FULL, SampleRun, evaluate
@@ -83,7 +83,7 @@ def test_mmlu_blocks_hold_one_subject_with_its_shots():
     samples = t.samples(3)
     subjects = [s.meta["subject"] for s in samples]
     assert subjects == ["abstract_algebra", "anatomy", "astronomy"]
-    mmlu = [s for s in make_task("mmlu").samples(57 * 4) if s.meta["subject"] == "anatomy"]
+    mmlu = [s for s in task_samples("mmlu")[:57 * 4] if s.meta["subject"] == "anatomy"]
     assert samples[1].answer == "|".join(s.answer for s in mmlu[:4])
     assert "about anatomy." in samples[1].parts[0].text
     demo = [p.text for p in samples[1].parts if p.kind == "shot"]
@@ -101,8 +101,8 @@ def test_the_gold_target_scores_every_position(source):
         assert d["extracted"] == s.answer.split("|")
 
 
-def test_every_segment_decodes_to_its_part_under_the_real_tokenizer(sample):
-    _, tok = kvbench.load_model()
+def test_every_segment_decodes_to_its_part_under_the_real_tokenizer(sample, default_tokenizer):
+    tok = default_tokenizer
     built = build_prompt(list(sample.parts), tok)
     for part, seg in zip(sample.parts, built.segments):
         assert tok.decode(built.input_ids[seg.start:seg.end]).strip() == part.text.strip()
@@ -195,9 +195,9 @@ def test_position_accuracy_averages_details_per_position(gsm, sample):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(default_tokenizer):
     """A tiny random Llama over the real tokenizer's vocabulary; its window is 4096 tokens."""
-    _, tok = kvbench.load_model()
+    tok = default_tokenizer
     register()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,

@@ -10,7 +10,6 @@ import kvbench
 from kvbench.cli import parser
 from kvbench.errors import KvbenchError
 from kvbench.evaluate import evaluate
-from kvbench.generation import max_len
 from kvbench.methods import make_method
 from kvbench.prompts import build_prompt
 from kvbench.tasks import make_task
@@ -58,15 +57,15 @@ def test_the_evaluation_set_excludes_the_rows_used_as_shots(standard, fifty):
     assert [s.answer for s in fifty[:50]] == [s.answer for s in standard[:50]]
 
 
-def test_the_shot_spans_of_a_fifty_shot_prompt_decode_to_the_shots(fifty):
-    model, tok = kvbench.load_model()
+def test_the_shot_spans_of_a_fifty_shot_prompt_decode_to_the_shots(fifty, default_tokenizer, default_window):
+    tok = default_tokenizer
     built = build_prompt(list(fifty[0].parts), tok)
     assert len(built.segments) == 51 and [s.kind for s in built.segments] == ["shot"] * 50 + ["question"]
     for part, seg in zip(fifty[0].parts, built.segments):
         assert tok.decode(built.input_ids[seg.start:seg.end]).strip() == part.text.strip()
     assert all(a.end == b.start for a, b in zip(built.segments, built.segments[1:]))  # contiguous, in order
-    window = max_len(model)
-    assert len(built.input_ids) + make_task("gsm8k").config.max_new_tokens <= window  # 50 shots fit SmolLM2's 8,192
+    assert default_window == 8192
+    assert len(built.input_ids) + make_task("gsm8k").config.max_new_tokens <= default_window  # 50 shots fit
 
 
 def test_the_extra_shots_are_seeded():

@@ -19,7 +19,6 @@ from kvbench.cache import KVCache
 from kvbench.errors import KvbenchError
 from kvbench.evaluate import label
 from kvbench.methods import keep_count, list_methods, make_method
-from kvbench.methods.minicache import pair_bytes
 from kvbench.storage.quantized import kivi_bytes
 
 # Tiny models have head dim 16: KIVI groups of 8, a residual of 16.
@@ -134,21 +133,42 @@ def test_identity_settings_give_the_uncompressed_logits(arch, name):
         torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
 
 
+# Bytes per compressed layer for one row of 53 tokens, 2 KV heads of 16 dims, float32, by each layout:
+# - kivi (2 bits, G 8, R 16): keys 48 quantized (53 % 16 = 5 stay): 48 x 16 / 4 = 192 B codes + 2 x 6 groups
+#   x 16 x 4 = 768 B scales and minima + 5 x 64 = 320 B; values 37 quantized: 148 + 2 x 37 x 2 x 4 = 592 + 16
+#   x 64 = 1024 B; per head 1280 + 1764;
+# - lowrank at 0.5: rank 8; per head keys and values: (53 + 16) x 8 floats;
+# - adakv at 0.4: round(21.2) = 21 tokens per head on average, stored ragged: 2 x 21 x 2 x 16 x 4 B;
+# - snapkv+kivi at 0.4, 21 tokens: keys 16 quantized + 5: 64 + 256 + 320; values 5 quantized + 16: 20 + 80
+#   + 1024; per head 640 + 1124;
+# - snapkv+lowrank at 0.4, 21 tokens at rank round(0.5 x 16) = 8: (21 + 16) x 8 floats per head, keys and values.
+BYTES_53 = {"kivi": 2 * (1280 + 1764), "lowrank": 2 * 2 * (53 + 16) * 8 * 4, "adakv": 2 * 21 * 2 * 16 * 4,
+            "snapkv+kivi": 2 * (640 + 1124), "snapkv+lowrank": 2 * 2 * (21 + 16) * 8 * 4}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bytes_after_prefill_follow_the_methods_size_rule(arch, name):
     model, n = tiny(arch), 53
     m = configured(name)
     cache, _ = prefilled(model, prompt_ids(n), m)
-    D = head_dim(model)
+    assert head_dim(model) == 16 and all(layer.heads == 2 for layer in cache.layers)
     for i, layer in enumerate(cache.layers):
         if layer.sliding_window is not None:
             continue
-        expected = m.expected_bytes(n, i, cache.n_layers, layer.heads, D, torch.float32)
-        if name == "minicache" and layer.codec is not None and layer.codec.pair.n:  # + what retention kept
-            expected = pair_bytes(layer.codec.i, n, layer.heads, D, torch.float32)  # roles around sliding layers
+        if name != "minicache":
+            expected = BYTES_53[name]
+        elif layer.codec is not None and layer.codec.pair.n:  # a merged pair (roles around sliding layers)
+            # first layer: a shared direction (64 B) and a magnitude (4 B) per token, head, keys and values;
+            # second: the magnitudes; each retained token adds its vector (64 B) to both, a 12-B index to the first
+            first = layer.codec.i == 0
+            expected = 2 * n * 2 * ((64 + 4) if first else 4)
             retained = sum(int(layer.codec.pair.index[w].shape[0]) for w in "kv")
-            expected += retained * (D * 4 + (3 * 4 if layer.codec.i == 0 else 0))  # vectors; indices in the first
+            expected += retained * (64 + (12 if first else 0))
+        else:  # a layer no pair takes (the odd last one): as is
+            expected = 2 * n * 2 * 16 * 4
         assert layer.nbytes() == expected, f"layer {i}"
+        if name != "minicache":  # the size rule `kvbench bench` checks against says the same (minicache's
+            assert m.expected_bytes(n, i, cache.n_layers, 2, 16, torch.float32) == expected  # is before retention)
     assert cache.nbytes() < cache.full_nbytes()
 
 

@@ -47,6 +47,14 @@ def test_shot_score_is_the_mean_attention_and_best_shots_win():
     assert kept(m.select(crafted_view(votes))) == [0, 1, 2, *range(8, 22)]
 
 
+def test_a_shot_is_scored_by_its_mean_not_its_sum():
+    """Eq. 3 divides by the shot's length: the 4-token shot (8-12) with mean 2.2 (sum 8.8) beats the 5-token
+    shot (3-8) with mean 2.0 (sum 10.0). Budget 12: 7 non-shot tokens, room 5 for exactly one of them."""
+    votes = [0.0] * 3 + [2.0] * 5 + [2.2] * 4 + [1.0] * 6 + [0.5] * 4
+    m = make_method("shotkv", budget=12, window_size=4)
+    assert kept(m.select(crafted_view(votes))) == [0, 1, 2, *range(8, 12), *range(18, 22)]
+
+
 def test_a_shot_that_does_not_fit_is_skipped_or_stops_the_selection():
     # best shot is the long one (6 tokens), then the 5-token, then the 4-token shot
     votes = [0.0] * 3 + [2.0] * 5 + [1.0] * 4 + [3.0] * 6 + [0.5] * 4
@@ -138,6 +146,16 @@ def test_random_shot_is_reproducible_by_seed():
 
     assert choice(3) == choice(3)
     assert choice(3) != choice(4)
+
+
+def test_random_shot_draws_each_layer_apart():
+    """Seeded per layer (layer l by seed and l, as documented): with 12 shots and room for half of them,
+    the three layers do not all keep the same shots, and each keeps exactly 6 of the 12."""
+    ids, segs = few_shot_prompt(n_shots=12, shot_len=4)  # 4 + 48 + 9 = 61 tokens, 13 fixed
+    captured = kvbench.prefill(tiny("llama"), ids, segments=[segs], window=32)
+    cache = captured.compress(make_method("random-shot", ratio=0.6))  # round(36.6) = 37: room 24, six shots
+    chosen = [tuple(s.start for s in segs[1:-1] if s.start in set(layer.pos[0, 0].tolist())) for layer in cache.layers]
+    assert all(len(c) == 6 for c in chosen) and len(set(chosen)) > 1
 
 
 @pytest.mark.parametrize("name", ["shotkv", "random-shot"])

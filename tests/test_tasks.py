@@ -16,6 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import task_samples
 
 from kvbench import data
 from kvbench.errors import KvbenchError
@@ -28,7 +29,7 @@ from kvbench.tasks.humaneval import program
 
 @pytest.fixture(scope="module")
 def samples() -> dict[str, list[Sample]]:
-    return {name: make_task(name).samples() for name in ("mmlu", "csqa", "gsm8k", "humaneval")}
+    return {name: task_samples(name) for name in ("mmlu", "csqa", "gsm8k", "humaneval")}  # shared per session
 
 
 def _shots(s: Sample) -> list[str]:
@@ -178,12 +179,15 @@ def test_humaneval_program_of_the_canonical_solution_passes_its_tests(samples):
         assert out.stdout.strip() == "PASSED", (s.id, out.stderr[-300:])
 
 
-def test_humaneval_score_runs_the_program_in_the_sandbox(monkeypatch, samples):
+@pytest.mark.parametrize("verdict", [True, False])
+def test_humaneval_score_runs_the_program_in_the_sandbox(monkeypatch, samples, verdict):
+    """The wiring: the program handed to the sandbox, its timeout, and the score following the sandbox's verdict
+    (the real sandbox on canonical and wrong completions: tests/test_humaneval_real.py)."""
     seen = {}
 
     def run_tests(prog: str, timeout: float = 10.0) -> bool:
         seen["program"], seen["timeout"] = prog, timeout
-        return True
+        return verdict
 
     monkeypatch.setitem(sys.modules, "kvbench.sandbox", types.SimpleNamespace(run_tests=run_tests))
     task = make_task("humaneval", timeout=3.0)
@@ -192,7 +196,7 @@ def test_humaneval_score_runs_the_program_in_the_sandbox(monkeypatch, samples):
     out = completion + "\ndef other():\n    pass\n"  # stops at "\ndef"
     extracted = task.filters()["completion"](out)
     assert extracted == completion
-    assert task.score(s, extracted, out) == 1.0
+    assert task.score(s, extracted, out) == float(verdict)
     assert seen["program"] == (s.meta["prompt"] + completion + "\n" + s.meta["test"] + "\ncheck(has_close_elements)\n")
     assert seen["timeout"] == 3.0
 
@@ -210,10 +214,8 @@ def test_humaneval_shots_are_other_problems_seeded():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from kvbench.models import load_model
-
-    return load_model("smollm2-135m")[1]
+def tok(default_tokenizer):
+    return default_tokenizer
 
 
 def _check_spans(s: Sample, tok) -> None:
@@ -288,12 +290,12 @@ def test_letter_filter_takes_the_first_standalone_letter(output, mmlu, csqa):
 
 def test_mmlu_and_csqa_shots_are_seeded():
     for name in ("mmlu", "csqa"):
-        a = [_shots(s) for s in make_task(name).samples(limit=60)]
+        a = [_shots(s) for s in task_samples(name)[:60]]  # built once per session by a task object of its own
         assert a == [_shots(s) for s in make_task(name).samples(limit=60)]
         assert a == [_shots(s) for s in make_task(name, seed=1234).samples(limit=60)]
         assert a != [_shots(s) for s in make_task(name, seed=99).samples(limit=60)]
     # another seed changes the shots, not the questions evaluated
-    assert [s.id for s in make_task("csqa", seed=99).samples()] == [s.id for s in make_task("csqa").samples()]
+    assert [s.id for s in make_task("csqa", seed=99).samples()] == [s.id for s in task_samples("csqa")]
 
 
 def test_csqa_held_out_shots_are_never_evaluated(samples):
