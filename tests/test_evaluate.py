@@ -154,3 +154,18 @@ def test_two_failed_extractions_do_not_agree(setup):
     rows = evaluate(model, tok, Unparsable(), [make_method("snapkv", ratio=0.5, window_size=8)], limit=1,
                     progress=False)
     assert [r.agree for r in rows] == [1.0, 0.0]  # the reference agrees with itself; two failures do not
+
+
+def test_kl_is_full_to_compressed_and_delta_nll_is_compressed_minus_full():
+    """By hand, on one position of a two-token vocabulary: full (0.5, 0.5), compressed (0.9, 0.1), gold token 0.
+    KL(full || compressed) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.5108 (the other direction would be 0.3681);
+    ΔNLL = -ln 0.9 - (-ln 0.5) = -0.5878 (the compressed model is *more* sure of the gold token here)."""
+    import math
+
+    from kvbench.evaluate import _kl_and_nll
+
+    full = torch.tensor([[0.5, 0.5]]).log()
+    comp = torch.tensor([[0.9, 0.1]]).log()
+    delta_nll, kl = _kl_and_nll(full, comp, [0])
+    assert kl == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), abs=1e-6)
+    assert delta_nll == pytest.approx(-math.log(0.9) + math.log(0.5), abs=1e-6)
