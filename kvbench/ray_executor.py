@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from kvbench.config import Experiment
 from kvbench.errors import KvbenchError
-from kvbench.store import Store
+from kvbench.store import Store, summarize_error
 
 RETRIES = 2  # fresh workers a job gets after the one running it died
 
@@ -106,7 +106,7 @@ def _worker_died(store: Store, exp: Experiment, job, tries: int, e: Exception, g
 
     spec = exp.tasks[job.task]
     configs = [label(c) for c in configurations(exp.method_objects())]
-    error = f"the Ray worker running this job died {tries} times ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    error = f"the Ray worker running this job died {tries} times ({summarize_error(e)})"
     with guard.write():
         for sid in job.samples:
             done = store.done(job.model, spec.key).get(sid, set())
