@@ -65,9 +65,9 @@ sys.path.insert(0, str(ROOT))
 
 import kvbench  # noqa: E402
 from kvbench.bench import measure as bench_measure  # noqa: E402
-from kvbench.cache import KVCache  # noqa: E402
+from kvbench.engine.cache import KVCache  # noqa: E402
+from kvbench.engine.prompts import build_prompt, fewshot_parts, load_parts  # noqa: E402
 from kvbench.methods import REGISTRY, make_method  # noqa: E402
-from kvbench.prompts import build_prompt, fewshot_parts, load_parts  # noqa: E402
 
 RATIO = 0.1
 WINDOW = 64  # capture window: the largest any method here uses (snapkv/shotkv: 32)
@@ -193,7 +193,7 @@ def main() -> None:
     torch.manual_seed(0)
     t_start = time.perf_counter()
     model, tok = kvbench.load_model(args.model, dtype=args.dtype)
-    from kvbench.attention import NAME as KVB
+    from kvbench.engine.attention import NAME as KVB
     from kvbench.models import model_info
 
     info = model_info(model)

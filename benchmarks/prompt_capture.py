@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 import kvbench
-from kvbench.generation import encode
-from kvbench.prompts import read_prompt_file
+from kvbench.engine.decode import encode
+from kvbench.engine.prompts import read_prompt_file
 
 
 def capture(description: str, extra=None):

@@ -1,10 +1,11 @@
 """kvbench: what KV-cache compression costs each ability of an LLM, and what it saves."""
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.decode import greedy
+from kvbench.engine.prefill import Prefill, prefill
 from kvbench.errors import KvbenchError
-from kvbench.generation import GenerationResult, generate, greedy
+from kvbench.generation import GenerationResult, generate
 from kvbench.methods import Method, list_methods, make_method
-from kvbench.prefill import Prefill, prefill
 
 
 def load_model(*args, **kwargs):

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from kvbench.config import in_file, out_dir, out_file
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, is_disk_failure
+from kvbench.jobs.config import in_file, out_dir, out_file
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # what load_model takes; auto: float32 on CPU
 
@@ -59,7 +59,7 @@ def _at_least(args, **minimum: int) -> None:
 
 def _check_common(args) -> None:
     """The flags `_add_common` adds, and the model's name: checked before any file is read or model loaded."""
-    from kvbench.config import _ratios
+    from kvbench.jobs.config import _ratios
     from kvbench.models import check_model
 
     _one_of(args, "--ratio", "--budget")
@@ -75,7 +75,7 @@ def _writing(path: str | Path | None) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if path is not None and e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        if path is not None and e.filename is None and is_disk_failure(e):
             e.filename = str(path)
         raise
 
@@ -102,7 +102,7 @@ def _settings(args) -> dict:
 
 
 def _prompt(args):
-    from kvbench.prompts import read_prompt_file
+    from kvbench.engine.prompts import read_prompt_file
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise KvbenchError("give exactly one of --prompt TEXT or --prompt-file F")
@@ -158,9 +158,9 @@ def cmd_demo(args) -> None:
     """One prompt, several methods, one prefill: each method's cache is built from the same capture."""
     import torch
 
-    from kvbench.generation import encode, eos_ids, greedy, max_len
+    from kvbench.engine.decode import encode, eos_ids, greedy, max_len
+    from kvbench.engine.prefill import prefill
     from kvbench.methods import configure
-    from kvbench.prefill import prefill
 
     _check_common(args)
     methods = configure(_names(args.methods, "--methods", "full,snapkv"), _settings(args))
@@ -218,7 +218,8 @@ def _methods(args) -> list:
 def cmd_eval(args) -> None:
     from dataclasses import asdict
 
-    from kvbench.evaluate import evaluate, summarize
+    from kvbench.evaluation import evaluate, summarize
+    from kvbench.report.table import eval_table
     from kvbench.tasks import make_task
 
     if args.methods is None and args.method is None:
@@ -245,12 +246,8 @@ def cmd_eval(args) -> None:
     if args.json:
         print(json.dumps(summary))
         return
-    print(f"\n{task.name} ({task.config.metric}), {len(rows) // max(1, len(summary))} samples, model {args.model}")
-    print(f"{'config':<22}{'score':>14}{'ΔP':>9}{'agree':>8}{'ΔNLL':>9}{'KL':>9}{'kept':>7}{'cache':>7}")
-    for s in summary:
-        dp = "" if s["delta_p"] is None or s["config"] == "full" else f"{s['delta_p']:+.1%}"
-        print(f"{s['config']:<22}{s['score']:>8.3f} ±{s['se']:.3f}{dp:>9}{s['agree']:>8.2f}{s['delta_nll']:>9.3f}"
-              f"{s['kl']:>9.4f}{s['kept_fraction']:>7.0%}{s['cache_fraction']:>7.0%}")
+    print(eval_table(f"{task.name} ({task.config.metric}), {len(rows) // max(1, len(summary))} samples, "
+                     f"model {args.model}", summary))
 
 
 def _names(text: str | None, flag: str, example: str) -> list[str] | None:
@@ -281,50 +278,33 @@ def _numbers(text: str | None, kind, what: str, minimum: int | None = None) -> l
 
 def _ratios(text: str | None) -> list[float] | None:
     """--ratios: numbers, each a fraction kept in (0, 1]."""
-    from kvbench.config import _ratios as check
+    from kvbench.jobs.config import _ratios as check
 
     values = _numbers(text, float, "ratios")
     return None if values is None else list(check("--ratios", values))
 
 
-def _pick(entries: list, names: list[str]) -> list:
-    """Config entries named in `names` (keeping their settings), plain names for the rest."""
-    by = {(e if isinstance(e, str) else e.get("name")): e for e in entries if isinstance(e, (str, dict))}
-    return [by.get(n, n) for n in names]
-
-
 def experiment(args):
     """The config file (default: configs/quick.yaml) with the command line's overrides applied."""
-    from kvbench import config
+    from kvbench.jobs import config
 
-    data = dict(config.read(args.config or "quick"))
-    if args.model is not None:
-        data["models"] = _names(args.model, "--model", "smollm2-135m")
-    if args.methods is not None:
-        data["methods"] = _pick(config._list("config", "methods", data.get("methods")),
-                                _names(args.methods, "--methods", "snapkv,shotkv"))
-    if args.tasks is not None:
-        data["tasks"] = _pick(config._list("config", "tasks", data.get("tasks")), _names(args.tasks, "--tasks", "mmlu"))
-    if args.ratios is not None:
-        data["ratios"] = _ratios(args.ratios)
-        if args.budgets is None:
-            data.pop("budgets", None)
-    if args.budgets is not None:
-        data["budgets"] = _numbers(args.budgets, int, "budgets", 1)
-        if args.ratios is None:
-            data["ratios"] = []
-    for key in ("limit", "executor", "address", "seed", "dtype", "device", "max_new_tokens"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    where = args.config or "configs/quick.yaml"
-    return config.parse(data, where=where)
+    data = config.overridden(
+        config.read(args.config or "quick"),
+        models=_names(args.model, "--model", "smollm2-135m"),
+        methods=_names(args.methods, "--methods", "snapkv,shotkv"),
+        tasks=_names(args.tasks, "--tasks", "mmlu"),
+        ratios=_ratios(args.ratios),
+        budgets=_numbers(args.budgets, int, "budgets", 1),
+        **{k: getattr(args, k, None) for k in ("limit", "executor", "address", "seed", "dtype", "device",
+                                                 "max_new_tokens")})
+    return config.parse(data, where=args.config or "configs/quick.yaml")
 
 
 def cmd_run(args) -> int:
     """Exit status 0, or 1 when the run ended with failed samples (listed by the report; a re-run retries them)."""
     import sqlite3
 
-    from kvbench.runner import run
+    from kvbench.jobs.runner import run
     from kvbench.store import FILE, Store
 
     exp = experiment(args)
@@ -344,35 +324,11 @@ def cmd_run(args) -> int:
 
 def _report(run_dir) -> None:
     from kvbench import report
-    from kvbench.store import FILE, Store
 
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise KvbenchError(f"{run_dir} is a file; give the run directory (the one holding {FILE})")
-    if not run_dir.is_dir():
-        raise KvbenchError(f"run directory {run_dir} not found; give a directory written by `kvbench run`")
-    if not (run_dir / FILE).is_file():
-        raise KvbenchError(f"{run_dir} holds no {FILE}; give a run directory written by `kvbench run`")
-    out_dir(run_dir, "run directory")  # the report is written into it
-    store = Store(run_dir)
-    rows, failures = store.rows(), store.failures()
-    if not rows:
-        raise KvbenchError(f"{run_dir / FILE} holds no results yet" + (f" ({len(failures)} sample(s) failed: "
-                           f"{failures[0]['error']})" if failures else "") + "; run `kvbench run` first")
-    bench = run_dir / "bench.json"
-    efficiency = None
-    if bench.is_file():
-        try:
-            efficiency = json.loads(bench.read_text())
-        except json.JSONDecodeError:
-            print(f"kvbench: warning: {bench} is not valid JSON; the efficiency table is left out", file=sys.stderr)
-    if isinstance(efficiency, dict):
-        efficiency = efficiency.get("rows")
-    summary = report.summarize(rows, failures=failures)
+    rows, failures, efficiency = report.load(run_dir)  # checks it is a run directory holding results
+    out_dir(Path(run_dir), "run directory")  # the report is written into it
     with _writing(run_dir):
-        html = report.write(run_dir, rows, efficiency, summary=summary, failures=failures)
-    print(report.table(summary, efficiency, failures))
-    print(f"\nreport: {html}")
+        report.main(run_dir, rows, efficiency, failures)
 
 
 def cmd_report(args) -> None:
@@ -381,8 +337,9 @@ def cmd_report(args) -> None:
 
 def cmd_analyze(args) -> None:
     """Attention over the prompt per layer and head, and each method's attention recall (kvbench.analysis)."""
-    from kvbench import analysis, analysis_report
-    from kvbench.config import TaskSpec
+    from kvbench import analysis
+    from kvbench.analysis import plots as analysis_report
+    from kvbench.jobs.config import TaskSpec
     from kvbench.methods import make_method
     from kvbench.models import check_model
     from kvbench.tasks import make_task

@@ -58,7 +58,7 @@ SEGMENTS = ("none", "paragraphs")
 
 def context_parts(context: str, segments: str = "none") -> list:
     """The context as kvbench prompt parts (see the module docstring)."""
-    from kvbench.prompts import Part
+    from kvbench.engine.prompts import Part
 
     if segments == "none":
         return [Part("question", context)]
@@ -82,7 +82,7 @@ def check_model_args(pretrained: str = "smollm2-135m", method: str = "full", dty
 
     Called by `main` before lm-eval indexes its tasks (slow) and by `KvbenchLM` before the model loads.
     """
-    from kvbench.config import DTYPES, is_device
+    from kvbench.jobs.config import DTYPES, is_device
     from kvbench.methods import make_method
     from kvbench.models import check_model
 
@@ -134,7 +134,7 @@ class KvbenchLM(LM):
 
     # ------------------------------------------------------------ one context, one prefill
     def _run(self, context: str):
-        from kvbench.evaluate import SampleRun
+        from kvbench.evaluation import SampleRun
         from kvbench.tasks.base import Sample
 
         if len(self.tok(context, add_special_tokens=True)["input_ids"]) < 2:
@@ -186,9 +186,8 @@ class KvbenchLM(LM):
         return out
 
     def get_model_info(self) -> dict:
-        from dataclasses import asdict
 
-        return {"model": self.name, "kvbench_method": self.method.name, "kvbench_settings": asdict(self.method)}
+        return {"model": self.name, "kvbench_method": self.method.name, "kvbench_settings": self.method.values()}
 
 
 def _precheck(argv: list[str]) -> None:
@@ -201,7 +200,7 @@ def _precheck(argv: list[str]) -> None:
     from lm_eval._cli.harness import HarnessCLI
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
-    from kvbench.config import out_dir
+    from kvbench.jobs.config import out_dir
 
     saved = sys.argv
     sys.argv = ["lm_eval", *argv]

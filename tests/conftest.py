@@ -31,7 +31,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from kvbench.attention import register
+from kvbench.engine.attention import register
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -112,8 +112,8 @@ def example_prefill(default_model):
     32-token observation window: `captured.compress(method)` gives each method's cache without prefilling
     again (`kvbench.greedy` decodes from it). For `real` tests only."""
     import kvbench
-    from kvbench.generation import encode
-    from kvbench.prompts import read_prompt_file
+    from kvbench.engine.decode import encode
+    from kvbench.engine.prompts import read_prompt_file
 
     model, tok = default_model
     enc = encode(tok, [read_prompt_file(EXAMPLE)])

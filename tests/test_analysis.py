@@ -14,12 +14,12 @@ import torch
 from transformers import LlamaConfig
 
 from kvbench import analysis
-from kvbench.cache import KVCache
-from kvbench.compress import accumulated_attention
+from kvbench.engine.cache import KVCache
+from kvbench.engine.compress import accumulated_attention
+from kvbench.engine.prefill import Prefill
+from kvbench.engine.segments import Segment
+from kvbench.engine.view import LayerView
 from kvbench.methods import make_method
-from kvbench.prefill import Prefill
-from kvbench.segments import Segment
-from kvbench.view import LayerView
 
 # ---------------------------------------------------------------- statistics on crafted attention
 
@@ -180,7 +180,7 @@ def test_recall_vs_delta_pairs_samples_and_skips_what_has_no_reference():
 
 
 def test_the_recall_vs_delta_figure_falls_back_to_kl_where_delta_p_is_undefined():
-    from kvbench.analysis_report import recall_vs_delta_plot
+    from kvbench.analysis.plots import recall_vs_delta_plot
 
     rows = store_rows("full", "full", [0, 0], [0, 0]) + store_rows("a@0.3", "a", [1, 0], [0.2, 0.3])
     rvd = analysis.recall_vs_delta(rows, recall_records("a@0.3", "a", [0.5, 0.6]))
@@ -241,9 +241,9 @@ def test_analysis_end_to_end_on_two_tasks(default_model, two_tasks):
 
 @pytest.mark.real
 def test_analysis_links_recall_to_a_runs_stored_results(default_model, two_tasks, tmp_path):
-    from kvbench.config import TaskSpec
-    from kvbench.evaluate import evaluate
-    from kvbench.runner import record
+    from kvbench.evaluation import evaluate
+    from kvbench.jobs.config import TaskSpec
+    from kvbench.jobs.worker import record
     from kvbench.store import Store
     from kvbench.tasks import make_task
 

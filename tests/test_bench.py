@@ -19,15 +19,15 @@ from conftest import prompt_ids, tiny
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvbench
-from kvbench.attention import register
 from kvbench.bench import Spec, TargetSpec, bench, render
 from kvbench.bench.measure import Trial, interleave, paired, summary
 from kvbench.bench.memory import PeakMemory, _reset_hwm, budget_bytes, index_bytes, kv_bytes, token_bytes
 from kvbench.bench.run import Batch, run_config
 from kvbench.bench.workload import bench_prompts
+from kvbench.engine.attention import register
+from kvbench.engine.prompts import Part, build_prompt
+from kvbench.engine.segments import Segment
 from kvbench.methods import make_method
-from kvbench.prompts import Part, build_prompt
-from kvbench.segments import Segment
 
 # tests/conftest.py's tiny Llama: 3 layers, 2 KV heads of 64 / 4 = 16 dims, float32.
 TOKEN_BYTES = 2 * 2 * 16 * 4  # keys + values, per token, per layer: 256
@@ -178,7 +178,7 @@ def real_tok_tiny_model(default_tokenizer):
                                       ("shotkv", {"ratio": 0.3, "window_size": 8}),  # compresses decoding too
                                       ("h2o", {"ratio": 0.3, "decoding_budget": 2})])
 def test_options_scored_in_one_batch_equal_one_option_at_a_time(real_tok_tiny_model, settings):
-    from kvbench.evaluate import SampleRun
+    from kvbench.evaluation import SampleRun
     from kvbench.tasks.base import Sample, Task, TaskConfig
 
     class MC(Task):
@@ -289,8 +289,8 @@ def test_the_decoding_targets_time_caches_that_decode_alike(real_tok_tiny_model)
     DynamicCache holding a copy of its slots under sdpa attention: a fair race only if both decode the
     same tokens from the same logits."""
     from kvbench.bench.targets import _dynamic
-    from kvbench.generation import greedy
-    from kvbench.prefill import prefill
+    from kvbench.engine.decode import greedy
+    from kvbench.engine.prefill import prefill
 
     model, tok = real_tok_tiny_model
     batch = Batch.of(tok, bench_prompts(tok, 300, 1), model.device)
@@ -310,7 +310,7 @@ def test_one_prefill_scores_options_as_one_prefill_per_configuration_does(real_t
     """The "prefill once" target times one SampleRun serving every configuration against one SampleRun per
     configuration: the two must choose the same options with the same scores."""
     from kvbench.bench.targets import MC_RATIOS, SIX
-    from kvbench.evaluate import SampleRun
+    from kvbench.evaluation import SampleRun
     from kvbench.tasks import make_task
 
     model, tok = real_tok_tiny_model
@@ -392,7 +392,7 @@ def test_kivi_bytes_by_hand_in_the_bench():
 
 def test_bench_configs_route_settings_and_run_storage_methods_once():
     spec = Spec(methods=["snapkv", "kivi", "snapkv+kivi"], ratios=[0.1, 0.3], settings={"window_size": 8, "bits": 4})
-    from kvbench.evaluate import label
+    from kvbench.evaluation import label
 
     assert [label(m) for m in spec.configs()] == [
         "full", "snapkv@0.1[window_size=8]", "snapkv@0.3[window_size=8]", "kivi[bits=4]",

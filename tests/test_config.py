@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvbench.cli import main
-from kvbench.config import parse, read
 from kvbench.errors import KvbenchError
+from kvbench.jobs.config import parse, read
 from kvbench.store import Store
 
 GOOD = "models: [smollm2-135m]\nmethods: [snapkv]\nratios: [0.5]\ntasks: [mmlu]\nlimit: 2\n"
@@ -115,7 +115,7 @@ def test_shipped_configs_validate_and_dry_run_offline(name, capsys, tmp_path):
 
 
 def test_storage_methods_run_once_and_compositions_take_both_settings():
-    from kvbench.evaluate import label
+    from kvbench.evaluation import label
 
     exp = parse({"methods": ["snapkv", "kivi", {"name": "kivi", "settings": {"bits": 4}}, "lowrank",
                              {"name": "snapkv+kivi", "settings": {"bits": 4}}],
@@ -142,7 +142,7 @@ def test_bad_storage_configs_are_one_line_and_exit_2(tmp_path, capsys, methods, 
 def test_a_cuda_device_passes_validation_where_cuda_is_available(tmp_path, monkeypatch):
     """The other side of "no CUDA device here": on a host with CUDA the same config validates (checked without
     running it: `validate` is what `kvbench run` calls before any work)."""
-    from kvbench.config import validate
+    from kvbench.jobs.config import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     exp = parse(read_text(tmp_path, GOOD + "device: cuda\n"))

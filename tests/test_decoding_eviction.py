@@ -22,9 +22,9 @@ import pytest
 import torch
 from conftest import prompt_ids, tiny
 
-from kvbench import compress
-from kvbench.attention import eager
-from kvbench.cache import KVCache
+from kvbench.engine import compress
+from kvbench.engine.attention import eager
+from kvbench.engine.cache import KVCache
 from kvbench.methods import make_method
 
 N = 20  # prompt tokens

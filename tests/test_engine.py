@@ -8,7 +8,8 @@ from conftest import ARCHS, ToyTokenizer, prompt_ids, tiny
 from transformers import DynamicCache
 
 import kvbench
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.segments import Segment
 from kvbench.errors import KvbenchError
 from kvbench.methods import keep_count, make_method
 
@@ -74,7 +75,7 @@ def test_protected_segments_are_never_evicted(arch, ratio, kept):
     # 10 + 7 protected tokens + the 8-token window = 25: within a 30-token budget they leave
     # room for 5 scored tokens; past an 18-token budget, protection wins and 25 are kept.
     n = 60
-    segs = [[kvbench.segments.Segment("instruction", 0, 10), kvbench.segments.Segment("question", 45, 52)]]
+    segs = [[Segment("instruction", 0, 10), Segment("question", 45, 52)]]
     m = method("snapkv", ratio=ratio, protect=("instruction", "question"))
     cache, _ = run_prefill(tiny(arch), prompt_ids(n), m, segments=segs)
     for layer in compressible(cache):
@@ -229,7 +230,7 @@ def test_sliding_layers_report_what_they_hold():
 
 
 def test_a_whole_model_sliding_window_masks_evicted_caches_by_position():
-    from kvbench.attention import build_mask
+    from kvbench.engine.attention import build_mask
 
     # 14 slots kept of 40 seen (positions 0-3 and 30-39) + the new token at 40; window 16:
     # only positions > 24 are visible, although the cache holds fewer slots than the window.

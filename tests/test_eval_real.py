@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvbench.evaluate import evaluate, summarize
+from kvbench.evaluation import evaluate, summarize
 from kvbench.methods import make_method
 from kvbench.tasks import make_task
 

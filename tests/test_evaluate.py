@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvbench.attention import register
-from kvbench.evaluate import FULL, SampleRun, evaluate, summarize
+from kvbench.engine.attention import register
+from kvbench.engine.prompts import Part
+from kvbench.evaluation import FULL, SampleRun, evaluate, summarize
 from kvbench.methods import make_method
-from kvbench.prompts import Part
 from kvbench.tasks.base import Sample, Task, TaskConfig
 
 SHOTS = [f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in [(2, 3), (4, 4), (7, 1), (5, 6)]]
@@ -134,7 +134,7 @@ def test_scoring_sees_decoding_phase_compression(setup):
 
 def test_configurations_are_labelled_by_their_settings(setup):
     from kvbench.errors import KvbenchError
-    from kvbench.evaluate import label
+    from kvbench.evaluation import label
 
     assert label(make_method("shotkv", ratio=0.3)) == "shotkv@0.3"
     assert label(make_method("shotkv", ratio=0.3, prefill_only=True)) == "shotkv@0.3[prefill_only=True]"
@@ -162,7 +162,7 @@ def test_kl_is_full_to_compressed_and_delta_nll_is_compressed_minus_full():
     ΔNLL = -ln 0.9 - (-ln 0.5) = -0.5878 (the compressed model is *more* sure of the gold token here)."""
     import math
 
-    from kvbench.evaluate import _kl_and_nll
+    from kvbench.evaluation import _kl_and_nll
 
     full = torch.tensor([[0.5, 0.5]]).log()
     comp = torch.tensor([[0.9, 0.1]]).log()

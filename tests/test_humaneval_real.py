@@ -15,8 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kvbench import sandbox
-from kvbench.tasks import make_task
+from kvbench.tasks import make_task, sandbox
 
 N = 8  # problems: HumanEval/0 .. HumanEval/7
 # Generous: the canonical programs take well under a second; this only has to hold on a loaded machine.
@@ -91,7 +90,7 @@ def results(monkeypatch):
 
 
 def evaluate_score(task, sample, output: str) -> float:
-    """What kvbench.evaluate does with a generated output: the task's filters, then its score."""
+    """What kvbench.evaluation does with a generated output: the task's filters, then its score."""
     extracted = {name: f(output) for name, f in task.filters().items()}
     headline = next(iter(extracted.values())) if extracted else output
     return task.score(sample, headline, output)

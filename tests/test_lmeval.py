@@ -102,7 +102,7 @@ def kvbench_task(tasks_dir):
 @pytest.fixture(scope="module")
 def kvbench_rows(tasks_dir, default_model):
     """kvbench's own scoring of the same rows, full and snapkv."""
-    from kvbench.evaluate import evaluate
+    from kvbench.evaluation import evaluate
     from kvbench.methods import make_method
 
     model, tok = default_model
@@ -135,7 +135,7 @@ def test_lm_eval_multiple_choice_matches_kvbench_scoring(tasks_dir, kvbench_rows
 
 @pytest.mark.real
 def test_lm_eval_command_line_generates_what_kvbench_generates(tasks_dir, default_model, tmp_path):
-    from kvbench.evaluate import SampleRun
+    from kvbench.evaluation import SampleRun
     from kvbench.methods import make_method
 
     model, tok = default_model

@@ -16,10 +16,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from kvbench.engine.prompts import build_prompt
 from kvbench.errors import KvbenchError
-from kvbench.prompts import build_prompt
 from kvbench.tasks import list_tasks, make_task
-from kvbench.tasks.longctx import KINDS, essay_words, essays_dir, qa_f1, string_match_all
+from kvbench.tasks.longbench import qa_f1
+from kvbench.tasks.ruler import KINDS, essay_words, essays_dir, string_match_all
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +327,7 @@ def test_past_the_default_models_window_is_a_clear_error(default_model):
 
 @pytest.mark.real
 def test_two_samples_end_to_end_on_the_default_model(default_model):
-    from kvbench.evaluate import evaluate
+    from kvbench.evaluation import evaluate
     from kvbench.methods import make_method
     from kvbench.models import max_context
 

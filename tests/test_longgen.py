@@ -7,12 +7,11 @@ import torch
 from conftest import task_samples
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvbench.attention import register
+from kvbench.engine.attention import register
+from kvbench.engine.prompts import build_prompt
 from kvbench.errors import KvbenchError
-from kvbench.evaluate import FULL, SampleRun, evaluate
-from kvbench.methods import make_method
-from kvbench.methods.base import keep_count
-from kvbench.prompts import build_prompt
+from kvbench.evaluation import FULL, SampleRun, evaluate
+from kvbench.methods import keep_count, make_method
 from kvbench.tasks import TASKS, list_tasks, make_task
 from kvbench.tasks.longgen import position_accuracy, split_answers
 

@@ -8,10 +8,10 @@ import pytest
 
 import kvbench
 from kvbench.cli import parser
+from kvbench.engine.prompts import build_prompt
 from kvbench.errors import KvbenchError
-from kvbench.evaluate import evaluate
+from kvbench.evaluation import evaluate
 from kvbench.methods import make_method
-from kvbench.prompts import build_prompt
 from kvbench.tasks import make_task
 from kvbench.tasks.gsm8k import POOL
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import prompt_ids, tiny
 
-from kvbench import compress
-from kvbench.cache import KVCache
-from kvbench.compress import accumulated_attention
+from kvbench.engine import compress
+from kvbench.engine.cache import KVCache
+from kvbench.engine.compress import accumulated_attention
+from kvbench.engine.view import LayerView
 from kvbench.methods import keep_count, make_method
-from kvbench.view import LayerView
 
 
 def make_view(T: int, B: int = 1, Hk: int = 1, group: int = 1, W: int | None = None, D: int = 4,

@@ -13,12 +13,12 @@ import torch
 from conftest import prompt_ids, tiny
 
 import kvbench
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
 from kvbench.methods import keep_count, make_method
 from kvbench.methods.pyramidinfer import decay_shape, layer_budgets
 from kvbench.methods.pyramidkv import apportion, pyramid_budgets
-from kvbench.view import LayerView
 
 LAYERED = ["pyramidkv", "chunkkv", "pyramidinfer"]
 SMALL = {"window_size": 8}  # tiny prompts: a window that leaves room to choose

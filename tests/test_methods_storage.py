@@ -15,11 +15,11 @@ from test_methods import make_view
 from transformers import DynamicCache
 
 import kvbench
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.storage.quantized import kivi_bytes
 from kvbench.errors import KvbenchError
-from kvbench.evaluate import label
+from kvbench.evaluation import label
 from kvbench.methods import keep_count, list_methods, make_method
-from kvbench.storage.quantized import kivi_bytes
 
 # Tiny models have head dim 16: KIVI groups of 8, a residual of 16.
 SMALL = {"kivi": {"group_size": 8, "residual": 16}, "adakv": {"window_size": 8},

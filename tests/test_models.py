@@ -12,7 +12,7 @@ import torch
 
 from kvbench import models
 from kvbench.errors import KvbenchError
-from kvbench.models import ALIASES, DEFAULT_MODEL, PROBE_TEXT, ModelSource, load_model
+from kvbench.models import ALIASES, DEFAULT_MODEL, PROBE_TEXT, ModelSource, gguf, load_model, loading
 
 SMOLLM2_IDS = [504, 2909, 282, 5033, 29, 32, 32, 33, 314, 216, 36, 40, 34, 33, 30]
 
@@ -79,8 +79,8 @@ def test_bad_dtype(tmp_cache):
 
 
 def test_auto_dtype_is_float32_on_cpu():
-    assert models._resolve_dtype("auto", "cpu") == torch.float32
-    assert models._resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert loading._resolve_dtype("auto", "cpu") == torch.float32
+    assert loading._resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 
 def test_missing_package_gives_pip_command(tmp_cache, monkeypatch):
@@ -135,20 +135,20 @@ def test_assemble_concatenates_in_order_and_hashes(tmp_path):
     parts[0].write_bytes(b"hello " * 100_000)
     parts[1].write_bytes(b"world")
     dest = tmp_path / "joined"
-    sha = models._assemble(parts, dest)
+    sha = gguf._assemble(parts, dest)
     assert dest.read_bytes() == parts[0].read_bytes() + b"world"
     assert sha == hashlib.sha256(dest.read_bytes()).hexdigest()
 
 
 def test_hash_is_cached_until_file_changes(tmp_cache, monkeypatch, fake_gguf):
     calls = []
-    real = models._sha256_file
-    monkeypatch.setattr(models, "_sha256_file", lambda p: calls.append(p) or real(p))
-    first = models._sha256_cached(fake_gguf)
-    assert models._sha256_cached(fake_gguf) == first and len(calls) == 1
+    real = gguf._sha256_file
+    monkeypatch.setattr(gguf, "_sha256_file", lambda p: calls.append(p) or real(p))
+    first = gguf._sha256_cached(fake_gguf)
+    assert gguf._sha256_cached(fake_gguf) == first and len(calls) == 1
     fake_gguf.write_bytes(b"changed")
     os.utime(fake_gguf, ns=(1, 1))  # a different size and mtime: the marker no longer applies
-    assert models._sha256_cached(fake_gguf) == hashlib.sha256(b"changed").hexdigest()
+    assert gguf._sha256_cached(fake_gguf) == hashlib.sha256(b"changed").hexdigest()
     assert len(calls) == 2
 
 
@@ -156,7 +156,7 @@ def test_hub_offline_is_one_line_error(tmp_cache, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck ...")
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", offline)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", offline)
     with pytest.raises(KvbenchError) as info:
         load_model("someone/some-model", attn_implementation=None)
     message = str(info.value)
@@ -176,8 +176,8 @@ class _GarblingTokenizer:
 def test_tokenizer_check_names_the_dir_to_delete(tmp_path):
     where = tmp_path / "models" / "x-tf5.23.0"
     with pytest.raises(KvbenchError, match=f"does not round-trip.*delete {where}"):
-        models._check_tokenizer(
-            _GarblingTokenizer(), None, f"the cached conversion in {where}", models._delete_fix(where)
+        gguf.check_tokenizer(
+            _GarblingTokenizer(), None, f"the cached conversion in {where}", gguf.delete_fix(where)
         )
 
 
@@ -196,15 +196,15 @@ class _ShiftedTokenizer:
 
 def test_tokenizer_check_compares_ids_under_the_versions_it_knows(monkeypatch):
     """Keyed by the running version here, so the id comparison runs whatever transformers is installed."""
-    minor = ".".join(models.transformers.__version__.split(".")[:2])
+    minor = ".".join(gguf.transformers.__version__.split(".")[:2])
     known = ModelSource(packages=(), parts=list, sha256="0" * 64, gguf_file="x.gguf",
                         probe_ids={minor: tuple(SMOLLM2_IDS)})
     with pytest.raises(KvbenchError, match=rf"gives ids \[505, .*expected \[504, .*under transformers {minor}"):
-        models._check_tokenizer(_ShiftedTokenizer(), known, "here", "fix")
+        gguf.check_tokenizer(_ShiftedTokenizer(), known, "here", "fix")
     elsewhere = ModelSource(packages=(), parts=list, sha256="0" * 64, gguf_file="x.gguf",
                             probe_ids={"0.0": tuple(SMOLLM2_IDS)})
-    models._check_tokenizer(_ShiftedTokenizer(), elsewhere, "here", "fix")  # unknown version: round trip only
-    models._check_tokenizer(_ShiftedTokenizer(), None, "here", "fix")
+    gguf.check_tokenizer(_ShiftedTokenizer(), elsewhere, "here", "fix")  # unknown version: round trip only
+    gguf.check_tokenizer(_ShiftedTokenizer(), None, "here", "fix")
 
 
 # --- the real embedded model ----------------------------------------------------------
@@ -254,13 +254,13 @@ def test_smollm2_second_load_reads_the_cache(smollm2, monkeypatch):
     directory = models.converted_dir(DEFAULT_MODEL, source.sha256)
     assert (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file()
     calls = []
-    real = models.AutoModelForCausalLM.from_pretrained
+    real = loading.AutoModelForCausalLM.from_pretrained
 
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", spy)
     model, _ = load_model(DEFAULT_MODEL, dtype="bfloat16", attn_implementation="sdpa")
     assert calls and all("gguf_file" not in kwargs for _, kwargs in calls)
     assert Path(calls[0][0][0]) == directory

@@ -17,13 +17,13 @@ import torch
 from conftest import prompt_ids, tiny
 
 import kvbench
-from kvbench.cache import CompressedLayer, KVCache
+from kvbench.engine.cache import CompressedLayer, KVCache
+from kvbench.engine.prompts import read_prompt_file
+from kvbench.engine.segments import Segment
 from kvbench.errors import KvbenchError
-from kvbench.evaluate import SampleRun, continuation_logprobs
+from kvbench.evaluation import SampleRun, continuation_logprobs
 from kvbench.methods import list_methods, make_method
 from kvbench.methods.compose import STORAGE, evictors
-from kvbench.prompts import read_prompt_file
-from kvbench.segments import Segment
 from kvbench.tasks.base import Sample
 
 COMPOSED = [f"{e}+{s}" for e in evictors() for s in STORAGE]
@@ -40,7 +40,7 @@ ATOL = 1e-6
 def configured(name: str, ratio: float = 0.5):
     """`name` at a setting that compresses on a tiny model: windows of 8, KIVI groups of 8 (head dim 16),
     MiniCache merging from layer 0; methods with a decoding phase evict generated tokens too."""
-    settings = type(make_method(name)).settings()
+    settings = make_method(name).settings()
     kw: dict = {}
     if "window_size" in settings:
         kw["window_size"] = 8

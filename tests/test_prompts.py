@@ -12,8 +12,7 @@ import json
 
 import pytest
 
-from kvbench.errors import KvbenchError
-from kvbench.prompts import (
+from kvbench.engine.prompts import (
     BuiltPrompt,
     Part,
     Prompt,
@@ -22,6 +21,7 @@ from kvbench.prompts import (
     load_parts,
     read_prompt_file,
 )
+from kvbench.errors import KvbenchError
 
 
 def _assert_spans(built: BuiltPrompt, tok, chat: bool) -> None:

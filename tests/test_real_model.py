@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import kvbench
-from kvbench.generation import encode
+from kvbench.engine.decode import encode
+from kvbench.engine.prompts import read_prompt_file
 from kvbench.methods import REGISTRY, make_method
-from kvbench.prompts import read_prompt_file
 
 EXAMPLE = "examples/gsm8k-8shot.json"
 pytestmark = pytest.mark.real

@@ -300,3 +300,36 @@ def test_storage_methods_form_their_own_group_and_show_kept_tokens_beside_bytes(
     assert report._by_ratio(list(s.values()), "score")["kivi (x: bytes)"][0][0] == pytest.approx(0.2, abs=1e-3)
     report.write(tmp_path, rows, n_boot=100)
     assert (tmp_path / "plots" / "score-gsm8k.png").exists()
+
+
+# ---------------------------------------------------------------- plot series from structured columns
+
+def test_plot_series_come_from_the_method_and_settings_columns(tmp_path):
+    """A line of the plots against the ratio is the method and its non-default settings (the ratio left out),
+    read from the stored method and settings columns, written as the configuration's label writes them."""
+    from kvbench.methods import label, make_method
+
+    confs = [make_method("full"), make_method("shotkv", ratio=0.3), make_method("shotkv", ratio=0.6, fit="stop"),
+             make_method("snapkv", ratio=0.3, protect=["question"]), make_method("snapkv+kivi", ratio=0.3, bits=4),
+             make_method("h2o", budget=64, decoding_ratio=0.5), make_method("kivi", bits=4)]
+    rows = stored(tmp_path, [make_row(label(m), m.name, None if m.budget or not m.takes_ratio else m.ratio, f"s{i}",
+                                      i % 2, budget=m.budget, settings={"name": m.name, **m.values()})
+                             for m in confs for i in range(4)])
+    series = {s["config"]: s["series"] for s in report.summarize(rows, n_boot=50)}
+    assert series == {"full": "full", "shotkv@0.3": "shotkv", "shotkv@0.6[fit=stop]": "shotkv[fit=stop]",
+                      "snapkv@0.3[protect=('question',)]": "snapkv[protect=('question',)]",
+                      "snapkv+kivi@0.3[bits=4]": "snapkv+kivi[bits=4]", "h2o@budget=64[decoding_ratio=0.5]":
+                      "h2o[decoding_ratio=0.5]", "kivi[bits=4]": "kivi[bits=4]"}
+    renamed = [{**r, "config": r["config"].replace("@", "#")} for r in rows]  # the label is not parsed
+    assert {s["series"] for s in report.summarize(renamed, n_boot=50)} == set(series.values())
+    assert "series" not in json.loads((report.write(tmp_path, rows, n_boot=50).parent / "summary.json")
+                                      .read_text())["summary"][0]  # the exports keep their shape
+
+
+def test_a_method_the_registry_does_not_know_is_told_apart_by_the_settings_that_vary():
+    rows = [make_row(c, "mystery", r, f"s{i}", 1, settings={"name": "mystery", "ratio": r, "depth": d, "mode": "a"})
+            for c, r, d in (("mystery@0.3", 0.3, 1), ("mystery@0.6", 0.6, 1), ("mystery@0.3[depth=2]", 0.3, 2))
+            for i in range(3)]
+    series = {s["config"]: s["series"] for s in report.summarize(rows, n_boot=50)}
+    assert series == {"mystery@0.3": "mystery[depth=1]", "mystery@0.6": "mystery[depth=1]",
+                      "mystery@0.3[depth=2]": "mystery[depth=2]"}

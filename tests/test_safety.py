@@ -18,12 +18,11 @@ import pytest
 import torch
 from conftest import tiny
 
-from kvbench import data
+from kvbench.engine.prompts import build_prompt
 from kvbench.errors import KvbenchError
-from kvbench.evaluate import evaluate
+from kvbench.evaluation import evaluate
 from kvbench.methods import make_method
-from kvbench.prompts import build_prompt
-from kvbench.tasks import TASKS, list_tasks, make_task
+from kvbench.tasks import TASKS, data, list_tasks, make_task
 from kvbench.tasks.safety import (
     BEHAVIORS,
     REFUSAL,

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from kvbench import sandbox
 from kvbench.errors import KvbenchError
+from kvbench.tasks import sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,7 +344,7 @@ assert found
 def test_the_harness_environment_is_not_visible():
     # A harness started with the secret in its environment (so it is also in /proc/<pid>/environ).
     secret = secrets.token_hex(16)
-    script = f"from kvbench import sandbox\nres = sandbox.run({ENV_PROBE!r})\nprint(res)\n" \
+    script = f"from kvbench.tasks import sandbox\nres = sandbox.run({ENV_PROBE!r})\nprint(res)\n" \
              f"assert sandbox.run({CORRECT!r}).passed\n"
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, KVBENCH_SANDBOX_SECRET=secret))
@@ -427,13 +427,13 @@ def test_fallbacks_contain_what_they_promise(mode, monkeypatch):
 
 # ---- uids: a run's own, never shared with a concurrent run ------------------------------------
 
-# Imports only kvbench.sandbox in a child Python: the package's __init__ pulls in torch (seconds under load).
+# Imports only kvbench.tasks.sandbox in a child Python: the package's __init__ pulls in torch (seconds under load).
 CHILD_PRELUDE = f'''
 import json, sys, types
 pkg = types.ModuleType("kvbench")
 pkg.__path__ = [{str(ROOT / "kvbench")!r}]
 sys.modules["kvbench"] = pkg
-from kvbench import sandbox
+from kvbench.tasks import sandbox
 '''
 FAR = 500_000_000  # four uids no one here uses: the lease tests below never run a program with them
 

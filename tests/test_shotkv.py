@@ -7,11 +7,11 @@ import torch
 from conftest import prompt_ids, tiny
 
 import kvbench
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
+from kvbench.engine.segments import Segment
+from kvbench.engine.view import LayerView
 from kvbench.methods import keep_count, make_method
 from kvbench.methods.shots import pack
-from kvbench.segments import Segment
-from kvbench.view import LayerView
 
 # instruction 0-3, shots 3-8 / 8-12 / 12-18, question 18-22 (the 4-token window)
 SEGS = [Segment("instruction", 0, 3), Segment("shot", 3, 8), Segment("shot", 8, 12),

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from kvbench.cache import CompressedLayer
-from kvbench.storage.lowrank import LowRank, basis, lowrank_bytes
-from kvbench.storage.merged import Merged, Pair, slerp
-from kvbench.storage.quantized import Kivi, dequantize, kivi_bytes, pack, quantize, unpack
-from kvbench.storage.ragged import Ragged, select_rows
+from kvbench.engine.cache import CompressedLayer
+from kvbench.engine.storage.lowrank import LowRank, basis, lowrank_bytes
+from kvbench.engine.storage.merged import Merged, Pair, slerp
+from kvbench.engine.storage.quantized import Kivi, dequantize, kivi_bytes, pack, quantize, unpack
+from kvbench.engine.storage.ragged import Ragged, select_rows
 
 
 def layer_with(keys: torch.Tensor, values: torch.Tensor, codec=None, valid: torch.Tensor | None = None):

@@ -191,7 +191,7 @@ def test_kivi_against_transformers_quantized_cache(default_model, captured, bits
 def test_storage_methods_through_the_ability_tasks(default_model, task):
     """Multiple choice (one cache expanded to every option, the chosen row kept) and generation, each method
     from one shared prefill: every token kept where nothing is evicted, fewer bytes, and a fidelity measured."""
-    from kvbench.evaluate import evaluate
+    from kvbench.evaluation import evaluate
     from kvbench.tasks import make_task
 
     model, tok = default_model

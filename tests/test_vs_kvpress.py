@@ -56,7 +56,7 @@ from conftest import make_tiny, prompt_ids, tiny
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
 from kvbench.methods import keep_count, make_method
 
 

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from kvbench.bench.matrix import Spec, run_matrix
+from kvbench.bench.matrix import run_matrix
 from kvbench.bench.report import markdown_table, plot, table, targets_table, write_json
+from kvbench.bench.spec import Spec
 from kvbench.bench.targets import TargetSpec, run_targets
 
 SCHEMA = "kvbench.bench/1"

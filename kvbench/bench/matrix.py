@@ -15,61 +15,24 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 from kvbench.bench.measure import Trial, interleave, paired, summary
 from kvbench.bench.peak import key as peak_key
 from kvbench.bench.peak import measure as measure_peaks
 from kvbench.bench.run import Batch, run_config
+from kvbench.bench.spec import Spec, prompt_length
 from kvbench.bench.workload import bench_prompts
 from kvbench.errors import KvbenchError
-from kvbench.methods import Method, configure
+from kvbench.methods import Method, label
 
 WARMUP_TOKENS = 256  # the warm-up round's prompt (at most): same code paths, little time
-
-
-@dataclass
-class Spec:
-    """What to measure. Lengths are prompt tokens (at most; whole shots), capped so the prompt and
-    the generated tokens fit the model's window."""
-
-    methods: list[str] = field(default_factory=lambda: ["streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv",
-                                                        "shotkv"])
-    ratios: list[float] = field(default_factory=lambda: [0.1, 0.3])
-    lengths: list[int] = field(default_factory=lambda: [1024, 4096])
-    gen: int = 64
-    batches: list[int] = field(default_factory=lambda: [1])
-    repeats: int = 3
-    settings: dict = field(default_factory=dict)  # method settings applied to every method (e.g. window_size)
-
-    def configs(self) -> list[Method]:
-        """`full` first (the reference), then every method at every ratio (once for a method that takes no
-        ratio). `settings` go to the methods that have them."""
-        return configure(["full", *[n for n in self.methods if n != "full"]], self.settings, self.ratios)
-
-
-def _label(m: Method) -> str:
-    from kvbench.evaluate import label
-
-    return label(m)
 
 
 def _spread(row: dict, key: str, s: dict, scale: float = 1.0) -> None:
     row[key] = s["median"] * scale
     row[key + "_min"] = s["min"] * scale
     row[key + "_max"] = s["max"] * scale
-
-
-def prompt_length(model, requested: int, gen: int) -> int:
-    from kvbench.models import max_context
-
-    window = max_context(model)
-    if requested + gen > window:
-        requested = window - gen
-    if requested < 1:
-        raise KvbenchError(f"prompt length {requested}: give a positive number of tokens")
-    return requested
 
 
 def run_matrix(model, tokenizer, spec: Spec, model_name: str = "", log: Callable[[str], None] | None = print
@@ -87,7 +50,7 @@ def run_matrix(model, tokenizer, spec: Spec, model_name: str = "", log: Callable
             batches[B] = batch = Batch.of(tokenizer, bench_prompts(tokenizer, n, B), device)
             warm = Batch.of(tokenizer, bench_prompts(tokenizer, min(n, WARMUP_TOKENS), B), device)
             for i, m in enumerate(configs):
-                trials[i, B] = Trial(f"{_label(m)}/b{B}", partial(run_config, model, batch, m, spec.gen, memory=False),
+                trials[i, B] = Trial(f"{label(m)}/b{B}", partial(run_config, model, batch, m, spec.gen, memory=False),
                                      warm=partial(run_config, model, warm, m, 4, memory=False))
         if log:
             log(f"\n== prompt {max(b.input_ids.shape[1] for b in batches.values())} tokens (asked {requested}), "
@@ -95,7 +58,7 @@ def run_matrix(model, tokenizer, spec: Spec, model_name: str = "", log: Callable
                 f"{spec.repeats} repeats")
         interleave(f"{n}", list(trials.values()), spec.repeats, log=log, show="total_s")
         if fresh is not None:  # peaks from a process of its own (bench/peak.py)
-            peaks = {(i, B): fresh.get(peak_key(_label(configs[i]), requested, B), {}) for i, B in trials}
+            peaks = {(i, B): fresh.get(peak_key(label(configs[i]), requested, B), {}) for i, B in trials}
         else:  # here, in a pass of its own per configuration, after a discarded one
             for batch in batches.values():
                 run_config(model, batch, configs[0], spec.gen)
@@ -131,7 +94,7 @@ def _row(model, model_name: str, m: Method, requested: int, batch: Batch, spec: 
     ratio = 1.0 if m.name == "full" else (m.ratio if m.budget is None and m.takes_ratio else None)
     row = {
         "model": model_name, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-        "config": _label(m), "method": m.name, "ratio": ratio, "budget": m.budget, "length": requested,
+        "config": label(m), "method": m.name, "ratio": ratio, "budget": m.budget, "length": requested,
         "prompt_tokens": max(batch.lengths), "batch": B, "gen": spec.gen, "repeats": spec.repeats,
         "kept_tokens": first["kept_tokens_mean"],
         "kv_bytes_prefill": int(first["kv_bytes_prefill"]), "full_bytes_prefill": int(first["full_bytes_prefill"]),

@@ -68,7 +68,7 @@ def index_bytes(cache) -> int:
 def token_bytes(config, dtype: torch.dtype) -> list[int]:
     """Bytes one token of one row occupies in each layer's cache: 2 (keys, values) x KV heads x head dim
     x element size. Read from the (text) config, like transformers' own cache sizing."""
-    from kvbench.models import kv_shape  # here: importing this module must stay light (see bench/peak.py)
+    from kvbench.engine.shapes import kv_shape  # here: importing this module must stay light (see bench/peak.py)
 
     hk, d = kv_shape(config)
     size = torch.empty((), dtype=dtype).element_size()
@@ -84,7 +84,7 @@ def budget_bytes(method, n: int, config, dtype: torch.dtype, batch: int = 1) -> 
     L = len(per)
     if method is None:
         return batch * n * sum(per)
-    from kvbench.models import kv_shape
+    from kvbench.engine.shapes import kv_shape
 
     hk, d = kv_shape(config)
     return batch * sum(method.expected_bytes(n, i, L, hk, d, dtype) for i in range(L))

@@ -23,7 +23,7 @@ def key(label: str, length: int, batch: int) -> str:
 
 
 def measure(model_name: str, dtype: str, device: str, spec) -> dict[str, dict]:
-    """Peaks of every (configuration, length, batch) of `spec` (a `matrix.Spec`), by key(label, length, B)."""
+    """Peaks of every (configuration, length, batch) of `spec` (a `spec.Spec`), by key(label, length, B)."""
     request = {"model": model_name, "dtype": dtype, "device": device, "spec": asdict(spec)}
     proc = subprocess.run([sys.executable, "-m", "kvbench.bench.peak"], input=json.dumps(request),
                           capture_output=True, text=True)
@@ -39,9 +39,10 @@ def main() -> None:
     pinned = pin_mmap_threshold()  # before anything large is allocated
     import torch
 
-    from kvbench.bench.matrix import Spec, _label, prompt_length
     from kvbench.bench.run import Batch, run_config
+    from kvbench.bench.spec import Spec, prompt_length
     from kvbench.bench.workload import bench_prompts
+    from kvbench.methods import label
     from kvbench.models import load_model
 
     request = json.loads(sys.stdin.read())
@@ -58,7 +59,7 @@ def main() -> None:
                 for m in configs:
                     f = run_config(model, batch, m, spec.gen)
                     if "peak_bytes" in f:
-                        out[key(_label(m), requested, B)] = {"peak_bytes": f["peak_bytes"],
+                        out[key(label(m), requested, B)] = {"peak_bytes": f["peak_bytes"],
                                                              "peak_delta_bytes": f["peak_delta_bytes"],
                                                              "pinned": pinned}
     print(json.dumps(out))

@@ -24,10 +24,10 @@ import torch
 
 from kvbench.bench.measure import clock, quiet_gc
 from kvbench.bench.memory import PeakMemory, budget_bytes, index_bytes, kv_bytes
-from kvbench.cache import KVCache
-from kvbench.generation import greedy
+from kvbench.engine.cache import KVCache
+from kvbench.engine.decode import greedy
+from kvbench.engine.segments import Segment
 from kvbench.methods import Method
-from kvbench.segments import Segment
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Batch:
 
     @classmethod
     def of(cls, tokenizer, prompts, device) -> Batch:
-        from kvbench.generation import encode
+        from kvbench.engine.decode import encode
 
         enc = encode(tokenizer, prompts)
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
@@ -58,10 +58,10 @@ class Batch:
 def compression_clock(device: torch.device | str | None = None) -> Iterator[list[float]]:
     """Seconds spent in the compression step of prefills inside the block, summed over layers: `[s]`.
 
-    Wraps `kvbench.compress.on_prefill` (looked up by name by the attention function at each
+    Wraps `kvbench.engine.compress.on_prefill` (looked up by name by the attention function at each
     layer) and restores it on exit. On CUDA each call is synchronised, which slightly slows
     the prefill measured alongside."""
-    import kvbench.compress as engine
+    import kvbench.engine.compress as engine
 
     original = engine.on_prefill
     spent = [0.0]

@@ -33,7 +33,7 @@ from kvbench.bench.measure import Trial, clock, interleave, paired, quiet_gc, ti
 from kvbench.bench.memory import kv_bytes, token_bytes
 from kvbench.bench.run import Batch, compression_clock, run_config
 from kvbench.bench.workload import bench_prompts
-from kvbench.cache import KVCache
+from kvbench.engine.cache import KVCache
 from kvbench.methods import REGISTRY, Method, make_method
 
 SIX = ("streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv", "shotkv")
@@ -104,7 +104,7 @@ def _decode(model, make_cache: Callable[[], object], logits, mask, steps: int, i
     cache = make_cache()
     with quiet_gc(), torch.inference_mode():
         t0 = clock(mask.device)
-        from kvbench.generation import greedy
+        from kvbench.engine.decode import greedy
 
         greedy(model, cache, logits, mask, steps + 1)
         return {"seconds": (clock(mask.device) - t0) / steps}
@@ -112,7 +112,7 @@ def _decode(model, make_cache: Callable[[], object], logits, mask, steps: int, i
 
 def decoding(model, batch: Batch, spec: TargetSpec, log) -> tuple[list[dict], dict]:
     """Targets 2 and 4: decoding steps of kvbench caches vs plain DynamicCaches of the same tensors."""
-    from kvbench.prefill import prefill
+    from kvbench.engine.prefill import prefill
 
     captured = prefill(model, batch.input_ids, batch.attention_mask, batch.segments, window=64, accumulated=True)
     r, db, N = spec.ratio, spec.decoding_budget, spec.decode_steps
@@ -126,7 +126,7 @@ def decoding(model, batch: Batch, spec: TargetSpec, log) -> tuple[list[dict], di
     for kind, m, limit in cases:
         if m.name not in REGISTRY:
             continue
-        from kvbench.evaluate import label
+        from kvbench.methods import label
 
         k = captured.compress(m).layers[0].stored_length()
         name = label(m)
@@ -155,7 +155,7 @@ def decoding(model, batch: Batch, spec: TargetSpec, log) -> tuple[list[dict], di
 
 def bytes_match(model, batch: Batch, spec: TargetSpec) -> tuple[list[dict], dict]:
     """Target 3: bytes after prefill vs ratio x full, in tokens per layer, against one window or unit."""
-    from kvbench.prefill import prefill
+    from kvbench.engine.prefill import prefill
 
     captured = prefill(model, batch.input_ids, batch.attention_mask, batch.segments, window=64, accumulated=True)
     full = kv_bytes(captured.cache)
@@ -190,7 +190,7 @@ def prefill_once(model, tokenizer, spec: TargetSpec, log) -> tuple[list[dict], d
     Measured for both option styles: the option texts (kvbench's default) and the letters (the
     harness's MMLU). What one prefill cannot share is each configuration's own scoring of the
     options (a forward pass over them through its cache), which grows with the options' length."""
-    from kvbench.evaluate import SampleRun
+    from kvbench.evaluation import SampleRun
     from kvbench.tasks import make_task
 
     configs = [make_method(m, ratio=r) for m in SIX if m in REGISTRY for r in MC_RATIOS]
@@ -227,7 +227,7 @@ def prefill_once(model, tokenizer, spec: TargetSpec, log) -> tuple[list[dict], d
 
 def batch_throughput(model, tokenizer, spec: TargetSpec, log) -> tuple[list[dict], dict]:
     """Target 6: tokens per second at batch 8 vs batch 1 (full cache and snapkv), decoding and end to end."""
-    from kvbench.bench.matrix import prompt_length
+    from kvbench.bench.spec import prompt_length
 
     n = prompt_length(model, spec.throughput_length, spec.gen)
     dev = model.device
@@ -257,7 +257,7 @@ def run_targets(model, tokenizer, spec: TargetSpec, log: Callable[[str], None] |
                 on_step: Callable[[list[dict], dict], None] | None = None) -> tuple[list[dict], dict]:
     """All six targets; returns (targets, raw per-repeat records by group). `on_step(targets, raw)` is
     called after each group (e.g. to save what is measured so far)."""
-    from kvbench.bench.matrix import prompt_length
+    from kvbench.bench.spec import prompt_length
 
     n = prompt_length(model, spec.length, spec.decode_steps + 1)
     dev = model.device

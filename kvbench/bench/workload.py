@@ -10,8 +10,8 @@ and asks test question i, so rows differ and their lengths differ a little (left
 
 from __future__ import annotations
 
+from kvbench.engine.prompts import BuiltPrompt, Part, build_prompt
 from kvbench.errors import KvbenchError
-from kvbench.prompts import BuiltPrompt, Part, build_prompt
 
 
 def _parts(shots: list[str], question: str, n_shots: int, start: int) -> list[Part]:

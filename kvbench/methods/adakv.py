@@ -10,7 +10,7 @@ k is the per-head budget of the budget rule and p the protected count; the rest 
 layer's `Hk * k` slots go to the best remaining scores across all its heads. So per-head counts
 differ but sum to exactly `Hk * k` per row, and each head keeps at most the prompt.
 
-The memory saved is real: heads' kept sets are stored ragged (`kvbench.storage.ragged`),
+The memory saved is real: heads' kept sets are stored ragged (`kvbench.engine.storage.ragged`),
 not as masks over a padded layout (kvpress's AdaKVPress masks evicted keys and saves nothing).
 
 Defaults: SnapKV's (window 32, kernel 5, average pooling); `alpha=0.2`, the safeguard
@@ -26,10 +26,11 @@ from typing import ClassVar
 
 import torch
 
+from kvbench.engine.budget import check_fraction
+from kvbench.engine.storage.ragged import Ragged
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import Method, _check_fraction, register
+from kvbench.methods.base import Method, register
 from kvbench.methods.pyramidkv import PyramidKV
-from kvbench.storage.ragged import Ragged
 
 
 @register("adakv")
@@ -51,7 +52,7 @@ class AdaKV(PyramidKV):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.alpha != 0.0:
-            _check_fraction("alpha", self.alpha)
+            check_fraction("alpha", self.alpha)
         if self.scorer not in ("snapkv", "pyramidkv"):
             raise KvbenchError(f"scorer={self.scorer!r}: use snapkv or pyramidkv")
 

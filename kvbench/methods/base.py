@@ -1,4 +1,4 @@
-"""The method contract, the budget rule and the shared selection code.
+"""The method base class: settings, the budget applied, and the shared selection code.
 
 A method is a frozen dataclass of its settings. Most methods only write `score`
 (higher = keep); the kept count, protected tokens, top-k and the decoding-phase
@@ -13,14 +13,15 @@ is a fixed number of kept tokens and, when given, replaces `ratio`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from kvbench.engine.budget import check_fraction, keep_count
+from kvbench.engine.storage import size_of
+from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
-from kvbench.view import LayerView
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -34,22 +35,6 @@ def register(name: str):
         return cls
 
     return wrap
-
-
-def keep_count(n: int, ratio: float, budget: int | None) -> int:
-    """The budget rule: tokens kept out of `n`. A pure function of the length and the setting.
-
-    `budget` wins when given; otherwise round(ratio * n) (halves up), at least 1, at most n.
-    """
-    if budget is not None:
-        return min(n, budget)
-    # round() first: 0.7 * 45 is 31.499999999999996 in binary, and must round up like 31.5
-    return min(n, max(1, math.floor(round(ratio * n, 9) + 0.5)))
-
-
-def _check_fraction(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 < value <= 1.0:
-        raise KvbenchError(f"{name}={value} is outside (0, 1]: it is the fraction of the cache kept (0.1 keeps 10%)")
 
 
 @dataclass(frozen=True)
@@ -78,11 +63,10 @@ class Method:
     shares_prefill: ClassVar[bool] = True  # False: the method changes the prefill computation itself
     takes_ratio: ClassVar[bool] = True  # False: `ratio`/`budget` mean nothing (storage alone: kivi, minicache)
     stores: ClassVar[str] = ""  # how kept tokens are stored, when not as dense tensors ("quantized", ...)
-    hidden_settings: ClassVar[tuple[str, ...]] = ()  # inherited settings the method refuses: not listed
 
     def __post_init__(self) -> None:
-        _check_fraction("ratio", self.ratio)
-        _check_fraction("decoding_ratio", self.decoding_ratio)
+        check_fraction("ratio", self.ratio)
+        check_fraction("decoding_ratio", self.decoding_ratio)
         # Whole-number settings of any method, checked once here.
         for name in ("budget", "decoding_budget", "decoding_every", "window_size", "kernel_size", "chunk_size",
                      "reuse_layers", "beta"):
@@ -194,87 +178,25 @@ class Method:
         """Raise `KvbenchError` if this method cannot run on a model of `config` (checked before any work)."""
 
     def codec(self, layer_idx: int, n_layers: int, scratch: dict):
-        """The layer's storage after prefill (a `kvbench.storage.Codec`), or None for dense tensors."""
+        """The layer's storage after prefill (a `kvbench.engine.storage.Codec`), or None for dense tensors."""
         return None
 
     def expected_bytes(self, n: int, layer_idx: int, n_layers: int, heads: int, dim: int, dtype) -> int:
         """Bytes one row of a `n`-token prompt holds in this layer right after prefill, by the method's
         own rule (what `kvbench bench` checks the measured bytes against). Dense storage by default."""
-        from kvbench.storage import size_of
-
         k = self.keep_count(n, layer_idx, n_layers) if self.compresses_prefill else n
         return 2 * k * heads * dim * size_of(dtype)
 
     # --- description ----------------------------------------------------------------------
     @classmethod
     def settings(cls) -> dict[str, object]:
+        """Every setting and its default."""
         return {f.name: f.default for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+
+    def values(self) -> dict[str, object]:
+        """Every setting and its value here (what a configuration is stored with)."""
+        return {name: getattr(self, name) for name in self.settings()}
 
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-
-
-def make_method(name: str | Method, **settings) -> Method:
-    """A method by registry name with settings, e.g. ``make_method("snapkv", ratio=0.3, window_size=16)``."""
-    if isinstance(name, Method):
-        return dataclasses.replace(name, **settings) if settings else name
-    if isinstance(name, str) and "+" in name:
-        from kvbench.methods.compose import composed
-
-        cls = composed(name)
-    elif name not in REGISTRY:
-        raise KvbenchError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}, or a composition "
-                           "such as snapkv+kivi (`kvbench methods` lists their settings)")
-    else:
-        cls = REGISTRY[name]
-    unknown = set(settings) - set(cls.settings())
-    if unknown:
-        raise KvbenchError(f"{name} has no setting {', '.join(sorted(unknown))}; "
-                           f"its settings: {', '.join(cls.settings())}")
-    try:
-        return cls(**settings)
-    except TypeError as e:
-        raise KvbenchError(f"bad settings for {name}: {e}") from None
-
-
-def configure(names: list[str], settings: dict, ratios: list[float] | None = None) -> list[Method]:
-    """Configurations of several methods sharing one set of `settings`: each method takes the settings it
-    has (one none has is an error), at each of `ratios` (or `settings`' ratio/budget); a method that takes no
-    ratio (kivi, minicache) is configured once. Used where one command line sets up many methods."""
-    classes = {n: type(make_method(n)) for n in names}
-    known = set().union(*(set(c.settings()) for c in classes.values())) | {"ratio", "budget"}
-    unknown = set(settings) - known
-    if unknown:
-        raise KvbenchError(f"no method here has the setting {', '.join(sorted(unknown))}; "
-                           "`kvbench methods` lists each method's settings")
-    out = []
-    for name, cls in classes.items():
-        own = {k: v for k, v in settings.items() if k in cls.settings() and k not in cls.hidden_settings}
-        if ratios:
-            own.pop("ratio", None)
-        if not cls.takes_ratio or name == "full":
-            own = {k: v for k, v in own.items() if k not in ("ratio", "budget")}
-            out.append(make_method(name, **own))
-        elif ratios:
-            out += [make_method(name, **own, ratio=r) for r in ratios]
-        else:
-            out.append(make_method(name, **own))
-    return out
-
-
-def list_methods() -> list[dict]:
-    """Every registered method: name, summary, phases, storage, whether it takes a ratio, settings with defaults."""
-    return [{"name": n, "summary": c.summary(), "phases": list(c.phases), "stores": c.stores or "dense",
-             "takes_ratio": c.takes_ratio, "settings": _shown_settings(c)}
-            for n, c in sorted(REGISTRY.items())]
-
-
-def _shown_settings(cls: type[Method]) -> dict[str, object]:
-    """Settings worth listing: a method that evicts nothing has no use for the eviction ones."""
-    hide = set(cls.hidden_settings)
-    if not cls.phases:
-        hide |= {"budget", "protect", "decoding_ratio", "decoding_budget", "decoding_every"}
-    if not cls.takes_ratio:
-        hide.add("ratio")
-    return {k: v for k, v in cls.settings().items() if k not in hide}

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvbench.engine.view import LayerView
 from kvbench.methods.base import Method, register
 from kvbench.methods.shots import pack
-from kvbench.view import LayerView
 
 
 def chunk_sums(x: torch.Tensor, size: int) -> list[float]:

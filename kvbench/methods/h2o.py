@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method, register
-from kvbench.view import LayerView
 
 
 @register("h2o")

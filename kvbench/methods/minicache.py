@@ -7,7 +7,7 @@ that differ most are retained unmerged. Pairs are (s, s+1), (s+2, s+3), ... from
 ``s = floor(start * n_layers)`` (the paper merges from half depth); an odd last layer stays
 unmerged; sliding-window layers (Gemma 3) take no part: consecutive full-attention layers
 pair up across them. Rules (SLERP, magnitudes, retention threshold, generated tokens):
-`kvbench.storage.merged`.
+`kvbench.engine.storage.merged`.
 
 Defaults: `start=0.5` (half depth), `t=0.6` for the SLERP interpolation (the paper's
 choice as we read its ablation; 0.5 is the symmetric midpoint), `gamma=0.05` (the paper's
@@ -27,10 +27,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from kvbench.engine.budget import check_fraction
+from kvbench.engine.storage import size_of
+from kvbench.engine.storage.merged import Merged, Pair
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import Method, _check_fraction, register
-from kvbench.storage import size_of
-from kvbench.storage.merged import Merged, Pair
+from kvbench.methods.base import Method, register
 
 
 def pair_bytes(role: int | None, n: int, heads: int, dim: int, dtype) -> int:
@@ -71,7 +72,7 @@ class MiniCache(Method):
         if not 0.0 <= self.t <= 1.0:
             raise KvbenchError(f"t={self.t}: the SLERP interpolation is in [0, 1]")
         if self.gamma != 0.0:
-            _check_fraction("gamma", self.gamma)
+            check_fraction("gamma", self.gamma)
 
     def role(self, layer_idx: int, n_layers: int) -> int | None:
         """0 / 1: first / second layer of a merged pair; None: stored as is. Read from the depth alone, for

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method, register
 from kvbench.methods.pyramidkv import apportion
-from kvbench.view import LayerView
 
 
 def decay_shape(n_layers: int, decay: float) -> list[float]:

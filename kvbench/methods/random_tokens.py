@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.engine.view import LayerView
 from kvbench.methods.base import Method, register
-from kvbench.view import LayerView
 
 
 def _rand(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.engine.budget import check_fraction, keep_count
+from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import Method, _check_fraction, keep_count, register
+from kvbench.methods.base import Method, register
 from kvbench.methods.shots import select_shots
-from kvbench.view import LayerView
 
 
 @register("shotkv")
@@ -62,7 +63,7 @@ class ShotKV(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("prefill_ratio", self.prefill_ratio)
+        check_fraction("prefill_ratio", self.prefill_ratio)
         if self.fit not in ("skip", "stop"):
             raise KvbenchError(f"fit={self.fit!r}: use skip or stop")
         if self.prefill_only and (self.decoding_ratio is not None or self.decoding_budget is not None):

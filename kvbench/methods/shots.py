@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvbench.view import LayerView
+from kvbench.engine.view import LayerView
 
 
 def pack(scores: list[float], lengths: list[int], room: int, fit: str) -> list[int]:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method, register
-from kvbench.view import LayerView
 
 
 def pool(scores: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.engine.view import LayerView
 from kvbench.methods.base import Method, register
-from kvbench.view import LayerView
 
 
 @register("streamingllm")

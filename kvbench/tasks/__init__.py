@@ -4,7 +4,8 @@
 them all (ability, shots, metric, output, offline source) for `kvbench tasks`.
 """
 
-from kvbench.tasks import csqa, gsm8k, humaneval, longctx, longgen, mmlu, safety  # noqa: F401 -- registers the tasks
+# Importing a task's module registers it; ruler and longbench register the two sources of longctx.
+from kvbench.tasks import csqa, gsm8k, humaneval, longbench, longctx, longgen, mmlu, ruler, safety  # noqa: F401
 from kvbench.tasks.base import ABILITIES, TASKS, Sample, Task, TaskConfig, list_tasks, make_task, register_task
 
 __all__ = ["ABILITIES", "TASKS", "Sample", "Task", "TaskConfig", "list_tasks", "make_task", "register_task"]

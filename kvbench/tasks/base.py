@@ -4,15 +4,19 @@ A task turns its source rows into `Sample`s whose prompts are built from labelle
 (instruction, shots, question), so methods such as ShotKV see the spans. Scoring is by
 named answer filters, reported side by side (lm-evaluation-harness's habit), so a parsing
 failure is not mistaken for a lost ability.
+
+The checks every task makes of its settings live here once (`check_settings`, `check_shots`),
+with `DatasetTask`, the base of the tasks built from a dataset's rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
-from kvbench.prompts import Part
+from kvbench.tasks.data import resolve_source
 
 ABILITIES = ("world knowledge", "commonsense", "arithmetic", "code", "safety",
              "long-context understanding", "long-context generation")
@@ -20,7 +24,9 @@ ABILITIES = ("world knowledge", "commonsense", "arithmetic", "code", "safety",
 TASKS: dict[str, type[Task]] = {}
 
 
-def register_task(name: str):
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: `make_task(name)` builds the class; `kvbench tasks` lists its config."""
+
     def wrap(cls: type[Task]) -> type[Task]:
         cls.name = name
         TASKS[name] = cls
@@ -107,12 +113,61 @@ class Task:
         return {}
 
 
+class DatasetTask(Task):
+    """A task over a dataset's rows (an offline package, the hub or a user's file), built once.
+
+    Owns the preamble these tasks share, in the order their errors come: unknown settings,
+    then the shot count, then the data source. Subclasses list their `SETTINGS` and implement
+    `build`; `load` caches what it returns.
+    """
+
+    SETTINGS: tuple[str, ...] = ("source",)  # accepted beyond shots, seed and path
+
+    def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
+        super().__init__(shots, seed, path, **settings)
+        check_settings(self.name, settings, self.SETTINGS)
+        check_shots(self.name, self.shots)
+        self.source = resolve_source(path, settings.get("source"))  # "package" | "hub" | "file"
+        self._samples: list[Sample] | None = None
+
+    def load(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = self.build()
+        return self._samples
+
+    def build(self) -> list[Sample]:
+        """Every evaluation sample, in the task's fixed order (called once)."""
+        raise NotImplementedError
+
+
+def check_settings(task: str, settings: dict, allowed: Sequence[str]) -> None:
+    """Refuse a setting the task does not know: a typo must not silently run the default."""
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        known = ", ".join(["shots", "seed", "path", *allowed])
+        raise KvbenchError(f"{task}: unknown setting {', '.join(unknown)}; known: {known}")
+
+
+def check_shots(task: str, shots) -> None:
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise KvbenchError(f"{task}: shots must be a whole number >= 0, not {shots!r}")
+
+
+def cut(text: str, stops: Sequence[str]) -> str:
+    """`text` up to its first stop string (what generation returns; harmless when already cut)."""
+    for s in stops:
+        text = text.split(s)[0]
+    return text
+
+
 def make_task(name: str, **settings) -> Task:
+    """The registered task `name`, built with `settings` (shots, seed, path and the task's own)."""
     if name not in TASKS:
         raise KvbenchError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))} (`kvbench tasks`)")
     return TASKS[name](**settings)
 
 
 def list_tasks() -> list[dict]:
+    """Each registered task's name, ability, shots, metric, output and offline source (`kvbench tasks`)."""
     return [{"name": n, **{k: getattr(c.config, k) for k in ("ability", "shots", "metric", "output", "source")}}
             for n, c in sorted(TASKS.items())]

