@@ -44,19 +44,19 @@ class Worker:
 
         for m in self.methods:
             m.check_model(self.model.config)
-        limit = max_len(self.model)
+        window = max_len(self.model)
         for spec, task in zip(self.exp.tasks, self.tasks):
             chat = self.exp.chat if spec.chat is None else spec.chat
             new = 0 if task.config.output == "multiple_choice" else \
                 (spec.max_new_tokens or self.exp.max_new_tokens or task.config.max_new_tokens)
             for s in task.samples(limit(self.exp, spec)):
                 try:
-                    enc = encode(self.tok, [build_prompt(list(s.parts), self.tok, chat=chat)], max_length=limit)
+                    enc = encode(self.tok, [build_prompt(list(s.parts), self.tok, chat=chat)], max_length=window)
                 except KvbenchError as e:
                     raise KvbenchError(f"task {spec.key}, sample {s.id}, model {self.model_name}: {e}") from None
-                if limit is not None and enc.lengths[0] + new > limit:
+                if window is not None and enc.lengths[0] + new > window:
                     raise KvbenchError(f"task {spec.key}, sample {s.id}: {enc.lengths[0]} prompt tokens + {new} new "
-                                       f"ones exceed {self.model_name}'s {limit}-token window; lower max_new_tokens")
+                                       f"ones exceed {self.model_name}'s {window}-token window; lower max_new_tokens")
 
     def run(self, job: Job, done: dict[str, set[str]], full_answers: dict[str, str | None],
             on_sample=None, on_failure=None) -> tuple[list[dict], list[dict]]:
