@@ -140,7 +140,7 @@ def paired(a: Variant, b: Variant) -> dict:
 
 def fewshot_prompt(tokenizer, n_tokens: int):
     """The GSM8K 8-shot prompt with its shots repeated (cyclically) to at most `n_tokens` tokens."""
-    parts = load_parts(ROOT / "examples" / "gsm8k-8shot.json")
+    parts = load_parts(ROOT / "kvbench" / "examples" / "gsm8k-8shot.json")
     instruction = next(p.text for p in parts if p.kind == "instruction").rstrip("\n")
     shots = [p.text.rstrip("\n") for p in parts if p.kind == "shot"]
     question = next(p.text for p in parts if p.kind == "question")

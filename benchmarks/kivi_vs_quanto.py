@@ -1,6 +1,6 @@
 """KIVI (kvbench) against transformers' QuantizedCache (quanto backend) on one prompt (not a test).
 
-    python benchmarks/kivi_vs_quanto.py [--model smollm2-135m] [--prompt-file examples/gsm8k-8shot.json]
+    python benchmarks/kivi_vs_quanto.py [--model smollm2-135m] [--prompt-file kvbench/examples/gsm8k-8shot.json]
 
 Same prompt, bits and group size (32), residual 128. Errors are relative Frobenius errors of the
 dequantized keys / values over the tokens both quantize (KIVI keeps its residual in full precision);

@@ -1,6 +1,6 @@
 """How alike are adjacent layers' KV states? MiniCache's premise, measured on a model (not a test).
 
-    python benchmarks/layer_similarity.py [--model smollm2-135m] [--prompt-file examples/gsm8k-8shot.json]
+    python benchmarks/layer_similarity.py [--model smollm2-135m] [--prompt-file kvbench/examples/gsm8k-8shot.json]
 
 Prints, per pair of adjacent layers, the mean cosine similarity of the same token's key (and value)
 vectors in the same KV head, and the mean angular distance MiniCache thresholds (arccos / pi: 0 is

@@ -1,6 +1,6 @@
 """How low-rank are a model's keys and values? `lowrank`'s reconstruction error by rank (not a test).
 
-    python benchmarks/lowrank_error.py [--model smollm2-135m] [--prompt-file examples/gsm8k-8shot.json]
+    python benchmarks/lowrank_error.py [--model smollm2-135m] [--prompt-file kvbench/examples/gsm8k-8shot.json]
 
 For each ratio (rank = ratio x head dim), the relative Frobenius error of the keys and of the values the
 `lowrank` cache gives back for one prompt, over all layers, and the bytes it holds against full.

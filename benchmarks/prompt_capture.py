@@ -13,7 +13,7 @@ def capture(description: str, extra=None):
     """(args, model, tokenizer, encoded prompt, captured prefill); `extra(parser)` adds arguments."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--prompt-file", default="examples/gsm8k-8shot.json")
+    ap.add_argument("--prompt-file", default="kvbench/examples/gsm8k-8shot.json")
     if extra:
         extra(ap)
     args = ap.parse_args()

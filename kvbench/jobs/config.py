@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from kvbench import shipped
 from kvbench.errors import KvbenchError
 
 TOP_KEYS = ("name", "models", "methods", "ratios", "budgets", "tasks", "limit", "seed", "dtype",
@@ -36,7 +37,6 @@ TOP_KEYS = ("name", "models", "methods", "ratios", "budgets", "tasks", "limit", 
 TASK_KEYS = ("name", "settings", "limit", "max_new_tokens", "chat")
 METHOD_KEYS = ("name", "settings", "ratios", "budgets")
 DTYPES = ("float32", "bfloat16", "float16")
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass(frozen=True)
@@ -258,15 +258,15 @@ def _pick(entries: list, names: list[str]) -> list:
 
 
 def read(path: str | Path) -> dict:
-    """A config file's mapping. A bare name ("quick") means the shipped configs/quick.yaml."""
+    """A config file's mapping. A bare name ("quick") means the shipped config of that name (`kvbench configs`)."""
     p = Path(path)
-    if not p.exists() and not p.suffix and (CONFIGS_DIR / f"{path}.yaml").exists():
-        p = CONFIGS_DIR / f"{path}.yaml"
+    if not p.exists() and not p.suffix and shipped.config_path(str(path)) is not None:
+        p = shipped.config_path(str(path))
     if p.is_dir():
         raise KvbenchError(f"config {path} is a directory; give a YAML file in it or a shipped config name")
     if not p.is_file():
-        shipped = ", ".join(sorted(x.stem for x in CONFIGS_DIR.glob("*.yaml")))
-        raise KvbenchError(f"config file {path} not found; give a YAML file or a shipped config ({shipped})")
+        names = ", ".join(shipped.config_names())
+        raise KvbenchError(f"config file {path} not found; give a YAML file or a shipped config ({names})")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:

@@ -35,7 +35,9 @@ def save_config(exp: Experiment, out: Path) -> None:
         while (out / f"config.{n}.yaml").exists():
             n += 1
         path.rename(out / f"config.{n}.yaml")
-    path.write_text(text)
+    tmp = out / ".config.yaml.tmp"  # written whole, then renamed: a full disk never leaves an empty config.yaml
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def run(exp: Experiment, out: str | Path, progress: bool = True, dry_run: bool = False) -> Path:

