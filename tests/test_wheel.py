@@ -19,8 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Installed as sitecustomize.py in the fresh environment: every process started there (kvbench, its workers)
-# fails on opening or listing a path in the repository outside its .venv.
+# Installed in the fresh environment as a module that a .pth file imports at start-up (not as sitecustomize.py,
+# which a distribution's own sitecustomize, e.g. Debian's, shadows): every process started there (kvbench, its
+# workers) fails on opening or listing a path in the repository outside its .venv.
 GUARD = '''
 import os, sys
 _repo, _venv = os.environ["KVBENCH_REPO"], os.environ["KVBENCH_REPO_VENV"]
@@ -55,7 +56,8 @@ def installed(tmp_path_factory):
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "reuse.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch & co. from this environment
-    (site / "sitecustomize.py").write_text(GUARD)
+    (site / "kvbench_repo_guard.py").write_text(GUARD)
+    (site / "kvbench_repo_guard.pth").write_text("import kvbench_repo_guard\n")
     env = {**os.environ, "KVBENCH_REPO": str(ROOT.resolve()), "KVBENCH_REPO_VENV": str((ROOT / ".venv").resolve()),
            "PYTHONPATH": ""}
     work = tmp / "elsewhere"

