@@ -60,6 +60,8 @@ class CompressedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        # Recorded here: transformers 5.25's DynamicLayer no longer sets `dtype` (5.23's did).
+        self.dtype, self.device = key_states.dtype, key_states.device
         self.heads, self.k_dim, self.v_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
 
     # --- transformers' layer API -------------------------------------------------
@@ -208,6 +210,44 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values = self.keys[:, :, -keep:], self.values[:, :, -keep:]
         self.pos, self.valid = self.pos[:, :, -keep:], self.valid[:, :, -keep:]
 
+    def stack_rows(self, rows: list[CompressedLayer]) -> None:
+        """Become the one-row layers `rows` (same prompt, any kept slots) as rows of one batch: slots
+        right-aligned, shorter rows padded on the left with invalid filler, as `keep` pads."""
+        T = max(r.stored_length() for r in rows)
+        hv = max(r.valid.shape[1] for r in rows)
+
+        def left(t: torch.Tensor, n: int) -> torch.Tensor:  # n filler slots before t's (zeros / False)
+            return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
+
+        first = rows[0]
+        for name in ("sliding_window", "is_sliding", "seen", "n_prompt", "is_initialized", "heads", "k_dim",
+                     "v_dim", "dtype", "device"):
+            setattr(self, name, getattr(first, name))
+        self.keys = torch.cat([left(r.keys, T - r.stored_length()) for r in rows])
+        self.values = torch.cat([left(r.values, T - r.stored_length()) for r in rows])
+        self.pos = torch.cat([left(r.pos, T - r.stored_length()) for r in rows])
+        self.valid = torch.cat([left(r.valid.expand(-1, hv, -1), T - r.stored_length()) for r in rows])
+        self.all_valid = all(r.all_valid and r.stored_length() == T for r in rows)
+        self.n_prefill_slots = T + first.n_prefill_slots - first.stored_length()  # (tokens announced, unfed)
+        self.prefill_kept = torch.cat([r.prefill_kept for r in rows])
+
+    def nbytes_after(self, fed: int) -> int:
+        """`nbytes` once `fed` more tokens have entered a layer that only appends (dense, no decoding
+        eviction): what a row of a stacked batch would hold had it been decoded alone."""
+        if self.codec is not None or self.keys is None:
+            raise KvbenchError("nbytes_after needs a dense layer that only appends")
+        slots = self._held(self.stored_length(), fed)
+        return self.keys.shape[0] * self.heads * slots * (self.k_dim + self.v_dim) * self.keys.element_size()
+
+    def full_nbytes_after(self, fed: int) -> int:
+        """`full_nbytes` once `fed` more tokens have entered."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return self.pos.shape[0] * self.heads * self._held(self.seen, fed) * (self.k_dim + self.v_dim) * size
+
+    def _held(self, now: int, fed: int) -> int:
+        # trim_to_window holds the last window - 1 (as full_nbytes counts them)
+        return now + fed if self.sliding_window is None else min(now + fed, self.sliding_window - 1)
+
     def nbytes(self) -> int:
         """Bytes of the stored keys and values (the KV cache proper), from the tensors that hold them."""
         if self.codec is not None and self.keys is None:
@@ -288,6 +328,25 @@ class KVCache(Cache):
         self.batch_select_indices(torch.tensor([row], device=device))
         self.segments = self.segments[:1]
 
+    @classmethod
+    def stack(cls, config, caches: list[KVCache]) -> KVCache:
+        """One batch whose rows are the one-row caches `caches` of the same prompt (e.g. several methods'
+        compressions of it), to decode or score them together. The rows keep exactly their own slots (right-
+        aligned, invalid filler on the left), so each row attends to what it would alone. The result compresses
+        nothing more: stack only caches whose compression is over (no decoding budget) and that hold dense
+        tensors (no storage codec); the caches themselves are left as they are."""
+        for c in caches:
+            if c.method is not None and c.method.compresses_decoding:
+                raise KvbenchError(f"{c.method.name} compresses generated tokens per row; decode it alone")
+            if any(layer.codec is not None for layer in c.layers):
+                raise KvbenchError("a cache held by a storage codec cannot be stacked; decode it alone")
+            if any(layer.pos is not None and layer.pos.shape[0] != 1 for layer in c.layers):
+                raise KvbenchError("only one-row caches can be stacked")
+        out = cls(config, None, [row for c in caches for row in (c.segments or [[]])])
+        for i, layer in enumerate(out.layers):
+            layer.stack_rows([c.layers[i] for c in caches])
+        return out
+
     # --- statistics -----------------------------------------------------------------
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -295,6 +354,13 @@ class KVCache(Cache):
     def full_nbytes(self) -> int:
         """What an uncompressed transformers cache of the same sequence would hold."""
         return sum(layer.full_nbytes() for layer in self.layers)
+
+    def nbytes_after(self, fed: int) -> int:
+        """`nbytes` once `fed` more tokens have entered (a cache that only appends; see `stack`)."""
+        return sum(layer.nbytes_after(fed) for layer in self.layers)
+
+    def full_nbytes_after(self, fed: int) -> int:
+        return sum(layer.full_nbytes_after(fed) for layer in self.layers)
 
     def kept_after_prefill(self) -> list[list[float]]:
         """Real prompt tokens kept per layer, per row: the mean over KV heads (heads keep different
