@@ -68,25 +68,45 @@ def greedy(model, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Te
     real length, whatever the cache holds. A row is done at an `eos` token or when
     `stop(its new tokens)` says so (e.g. a stop string appeared). Returns the new tokens (B, n).
     """
+    return greedy_rows(model, cache, logits, attention_mask, max_new_tokens, eos, stop)[0]
+
+
+@torch.inference_mode()
+def greedy_rows(model, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                eos: set[int] | None = None,
+                stop: Callable[[list[int]], bool] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """`greedy`, also returning each row's own length: the step at which it was done (its eos or stop
+    token included), or all steps. A row's tokens up to its length are what decoding it alone gives;
+    rows done earlier than others keep being fed (the batch moves together) but are no longer checked."""
     eos_t = torch.tensor(sorted(eos or []), device=logits.device)
     pos = attention_mask.sum(-1, keepdim=True)  # next position of each row
     mask = attention_mask
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    B = logits.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    lengths = [0] * B
     out = []
     for _ in range(max_new_tokens):
         tok = logits.argmax(-1)
         out.append(tok)
-        done |= torch.isin(tok, eos_t)
+        now = done | torch.isin(tok, eos_t)
         if stop is not None:
-            rows = torch.stack(out, dim=1).tolist()
-            done |= torch.tensor([stop(r) for r in rows], device=done.device)
+            open_rows = [i for i, d in enumerate(now.tolist()) if not d]
+            if open_rows:
+                toks = torch.stack(out, dim=1)[open_rows].tolist()
+                hits = [i for i, r in zip(open_rows, toks) if stop(r)]
+                if hits:
+                    now[hits] = True
+        for i in (now & ~done).nonzero().flatten().tolist():
+            lengths[i] = len(out)
+        done = now
         if bool(done.all()) or len(out) == max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, -1].float()
         pos = pos + 1
-    return torch.stack(out, dim=1)
+    lengths = [n or len(out) for n in lengths]
+    return torch.stack(out, dim=1), lengths
 
 
 def max_len(model) -> int | None:

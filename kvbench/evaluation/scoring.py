@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvbench.engine.cache import KVCache
 from kvbench.engine.decode import max_len
 from kvbench.evaluation.configs import FULL, configurations
 from kvbench.evaluation.session import SampleRun
@@ -51,14 +52,86 @@ def _kl_and_nll(full: torch.Tensor, comp: torch.Tensor, ids: list[int]) -> tuple
     return float(nll_comp - nll_full), max(0.0, float(kl))
 
 
+@dataclass
+class _Outcome:
+    """What one configuration gave on a sample, before it becomes a `Row`."""
+
+    output: str
+    score: float
+    extracted: dict
+    extra: dict
+    kept: list[float]
+    nbytes: int
+    full_nbytes: int
+    seconds: float = 0.0
+    delta_nll: float = 0.0
+    kl: float = 0.0
+
+
+def _choice(sample: Sample, pred: int, scores: list[float]) -> tuple[str, float, dict, dict]:
+    extracted = {"loglik": sample.letters[pred] if sample.letters else str(pred)}
+    score = float(pred == sample.letters.index(sample.answer) if sample.letters else str(pred) == sample.answer)
+    return sample.choices[pred], score, extracted, {"option_loglik": scores}
+
+
+def _text(task: Task, sample: Sample, output: str) -> tuple[str, float, dict, dict]:
+    extracted = {name: f(output) for name, f in task.filters().items()}
+    headline = next(iter(extracted.values())) if extracted else output
+    return output, task.score(sample, headline, output), extracted, dict(task.details(sample, output))
+
+
+def _alone(run: SampleRun, m: Method, loglik: bool, max_new: int, full_lp: torch.Tensor | None) -> _Outcome:
+    """One configuration through its own cache (the reference path, and the one for caches that do not stack)."""
+    t0 = time.perf_counter()
+    if loglik:
+        pred, scores, cache = run.choose(m)
+        judged = _choice(run.sample, pred, scores)
+    else:
+        output, cache = run.generate(m, max_new, run.task.config.stop)
+        judged = _text(run.task, run.sample, output)
+    out = _Outcome(*judged, cache.kept_after_prefill()[0], cache.nbytes(), cache.full_nbytes())
+    if full_lp is not None and m.name != "full":
+        out.delta_nll, out.kl = _kl_and_nll(full_lp, run.logprobs(m, run.target_ids)[0], run.target_ids)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _together(run: SampleRun, ms: list[Method], caches: list[KVCache], loglik: bool, max_new: int,
+              full_lp: torch.Tensor | None) -> list[_Outcome]:
+    """Configurations as rows of one batch, each cache built once and used for both the answer and fidelity.
+    Each row's bytes are those its cache would hold had it been decoded alone (`nbytes_after`)."""
+    t0 = time.perf_counter()
+    if loglik:
+        picked, fed = run.choose_rows(caches)
+        results = [(_choice(run.sample, p, sc), fed) for p, sc in picked]
+    else:
+        results = [(_text(run.task, run.sample, text), fed)
+                   for text, fed in run.generate_rows(caches, max_new, run.task.config.stop)]
+    outs = [_Outcome(*judged, c.kept_after_prefill()[0], c.nbytes_after(fed), c.full_nbytes_after(fed))
+            for (judged, fed), c in zip(results, caches)]
+    fid = [i for i, m in enumerate(ms) if m.name != "full"]
+    if full_lp is not None and fid:
+        lps = run.logprobs_rows([caches[i] for i in fid], run.target_ids)
+        for j, i in enumerate(fid):
+            outs[i].delta_nll, outs[i].kl = _kl_and_nll(full_lp, lps[j], run.target_ids)
+    share = (time.perf_counter() - t0) / len(ms)  # the batch's time, split evenly over its rows
+    for o in outs:
+        o.seconds = share
+    return outs
+
+
 @torch.inference_mode()
 def evaluate_sample(model, tokenizer, task: Task, sample: Sample, configs: list[Method], chat: bool = False,
                     mc: str = "loglik", max_new_tokens: int | None = None,
-                    full_answer: str | None = None) -> list[Row]:
+                    full_answer: str | None = None, batch_size: int = 1) -> list[Row]:
     """Rows for one sample under `configs`, all built from one prefill.
 
     Fidelity is measured against the full cache: when `full` is not among `configs` (a resumed
     run that stored it already), pass its stored headline answer as `full_answer`.
+
+    `batch_size` > 1: the configurations whose caches stack (`SampleRun.stackable`: compression over at the end
+    of prefill, dense storage) are decoded and scored as rows of batches of up to `batch_size` configurations
+    (multiple choice: times the options); the others, and all of them at 1, one at a time.
     """
     cfg = task.config
     t0 = time.perf_counter()
@@ -67,46 +140,41 @@ def evaluate_sample(model, tokenizer, task: Task, sample: Sample, configs: list[
     compressed = any(m.name != "full" for m in configs)
     full_lp = run.logprobs(FULL, run.target_ids)[0] if run.target_ids and compressed else None
     prompt_hash = hashlib.sha256(str(run.enc.input_ids[0].tolist()).encode()).hexdigest()[:16]
-    rows = []
-    for m in sorted(configs, key=lambda c: c.name != "full"):  # the reference first: others compare with it
-        t0 = time.perf_counter()
-        extra: dict = {}
-        if cfg.output == "multiple_choice" and mc == "loglik":
-            pred, scores, cache = run.choose(m)
-            extracted = {"loglik": sample.letters[pred] if sample.letters else str(pred)}
-            output, score = sample.choices[pred], float(pred == sample.letters.index(sample.answer)
-                                                        if sample.letters else str(pred) == sample.answer)
-            extra["option_loglik"] = scores
-        else:
-            max_new = 8 if cfg.output == "multiple_choice" else (max_new_tokens or cfg.max_new_tokens)
-            output, cache = run.generate(m, max_new, cfg.stop)
-            extracted = {name: f(output) for name, f in task.filters().items()}
-            headline = next(iter(extracted.values())) if extracted else output
-            score = task.score(sample, headline, output)
-            extra.update(task.details(sample, output))
-        answer = next(iter(extracted.values())) if extracted else output
+    ordered = sorted(configs, key=lambda c: c.name != "full")  # the reference first: others compare with it
+    loglik = cfg.output == "multiple_choice" and mc == "loglik"
+    max_new = 8 if cfg.output == "multiple_choice" else (max_new_tokens or cfg.max_new_tokens)
+    outcomes: dict[int, _Outcome] = {}
+    if batch_size > 1:
+        built = {i: run.cache(m) for i, m in enumerate(ordered) if m.shares_prefill}
+        rows = [i for i, c in built.items() if run.stackable(c)]
+        per = max(1, batch_size // (len(sample.choices) if loglik else 1))
+        for k in range(0, len(rows), per):
+            group = rows[k:k + per]
+            outs = _together(run, [ordered[i] for i in group], [built[i] for i in group], loglik, max_new, full_lp)
+            outcomes.update(zip(group, outs))
+    rows_out = []
+    for i, m in enumerate(ordered):
+        o = outcomes.get(i) or _alone(run, m, loglik, max_new, full_lp)
+        answer = next(iter(o.extracted.values())) if o.extracted else o.output
         if m.name == "full":
             full_answer = answer
-        delta_nll, kl = 0.0, 0.0
-        if full_lp is not None and m.name != "full":
-            delta_nll, kl = _kl_and_nll(full_lp, run.logprobs(m, run.target_ids)[0], run.target_ids)
-        kept = cache.kept_after_prefill()[0]
         # The reference agrees with itself; two answers that both fail to parse do not agree.
         agree = 1.0 if m.name == "full" else float(answer is not None and answer == full_answer)
         ratio = m.ratio if m.budget is None and m.takes_ratio else None  # none set: kivi's bytes are measured
-        rows.append(Row(task.name, sample.id, label(m), m.name, ratio, m.budget,
-                        score, extracted, output, agree, delta_nll, kl, sum(kept) / len(kept), run.enc.lengths[0],
-                        cache.nbytes(), cache.full_nbytes(), time.perf_counter() - t0, extra, prompt_hash,
-                        prefill_seconds))
-    return rows
+        rows_out.append(Row(task.name, sample.id, label(m), m.name, ratio, m.budget, o.score, o.extracted, o.output,
+                            agree, o.delta_nll, o.kl, sum(o.kept) / len(o.kept), run.enc.lengths[0], o.nbytes,
+                            o.full_nbytes, o.seconds, o.extra, prompt_hash, prefill_seconds))
+    return rows_out
 
 
 def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int | None = None,
              chat: bool = False, mc: str = "loglik", progress: bool = True,
-             on_row: Callable[[Row], None] | None = None, max_new_tokens: int | None = None) -> list[Row]:
+             on_row: Callable[[Row], None] | None = None, max_new_tokens: int | None = None,
+             batch_size: int = 1) -> list[Row]:
     """Rows for every (sample, configuration), the full cache first (fidelity is measured against it).
 
-    `max_new_tokens` overrides the task's generation length (e.g. for a quick look).
+    `max_new_tokens` overrides the task's generation length (e.g. for a quick look); `batch_size`: configurations
+    decoded together (see `evaluate_sample`).
     """
     from tqdm.auto import tqdm
 
@@ -116,7 +184,8 @@ def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int
     rows: list[Row] = []
     bar = tqdm(total=len(samples) * len(configs), desc=f"{task.name}", unit="run", disable=not progress)
     for sample in samples:
-        for row in evaluate_sample(model, tokenizer, task, sample, configs, chat, mc, max_new_tokens):
+        for row in evaluate_sample(model, tokenizer, task, sample, configs, chat, mc, max_new_tokens,
+                                   batch_size=batch_size):
             rows.append(row)
             if on_row:
                 on_row(row)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.engine.cache import KVCache
-from kvbench.engine.decode import encode, eos_ids, greedy, max_len
+from kvbench.engine.decode import encode, eos_ids, greedy_rows, max_len
 from kvbench.engine.prefill import Prefill, prefill
 from kvbench.engine.prompts import build_prompt
 from kvbench.engine.segments import Segment
@@ -116,22 +116,98 @@ class SampleRun:
         return pred, scores, cache
 
     def generate(self, method: Method, max_new_tokens: int, stops: tuple[str, ...]) -> tuple[str, KVCache]:
+        self._check_window(max_new_tokens)
+        cache = self.cache(method)
+        text, _ = self._decode(cache, 1, max_new_tokens, stops)[0]
+        return text, cache
+
+    # --- configurations as rows of one batch ------------------------------------------
+    # `KVCache.stack` makes one-row caches of this prompt (each configuration's) rows of one cache; every
+    # row attends to exactly its own slots, so a row gives what its configuration gives alone (up to float
+    # reductions over a padded batch). Only caches whose compression is over and that hold dense tensors
+    # stack (see `stackable`); the others go through the one-configuration methods above.
+
+    @staticmethod
+    def stackable(cache: KVCache) -> bool:
+        m = cache.method
+        return (m is None or not m.compresses_decoding) and all(layer.codec is None for layer in cache.layers)
+
+    def _stack(self, caches: list[KVCache], repeat: int = 1) -> KVCache:
+        stacked = KVCache.stack(self.model.config, caches)
+        if repeat > 1:  # each configuration's row `repeat` times in a row (its options)
+            rows = torch.arange(len(caches), device=self.mask.device).repeat_interleave(repeat)
+            stacked.batch_select_indices(rows)
+            stacked.segments = [seg for seg in stacked.segments for _ in range(repeat)]
+        return stacked
+
+    def logprobs_rows(self, caches: list[KVCache], ids: list[int]) -> torch.Tensor:
+        """`logprobs` for several configurations' caches at once: (R, L, V). The caches are not changed."""
+        R, L, dev = len(caches), len(ids), self.mask.device
         n = int(self.mask.sum())
-        window = max_len(self.model)
+        x = torch.tensor([[self.last, *ids[:-1]]], device=dev).expand(R, -1)
+        mask = torch.cat([self.mask, self.mask.new_ones(1, L - 1)], dim=-1).expand(R, -1)
+        pos = torch.arange(n - 1, n - 1 + L, device=dev)[None].expand(R, -1)
+        with torch.inference_mode():
+            logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=self._stack(caches),
+                                use_cache=True).logits
+            return logits.float().log_softmax(-1)
+
+    def choose_rows(self, caches: list[KVCache]) -> tuple[list[tuple[int, list[float]]], int]:
+        """`choose` for several configurations' caches at once: (configurations x options) rows. Returns each
+        configuration's (chosen option, option scores), and the tokens each cache was fed (the longest option),
+        which its bytes count as `choose` counts them. The caches are not changed."""
+        options = [_token_ids(self.tok, c) for c in self.sample.choices]
+        n, L, C, dev = len(options), max(len(o) for o in options), len(caches), self.mask.device
+        N = int(self.mask.sum())
+        x = torch.tensor([[self.last, *o[:-1]] + [self.last] * (L - len(o)) for o in options], device=dev).repeat(C, 1)
+        mask = torch.cat([self.mask, self.mask.new_ones(1, L - 1)], dim=-1).expand(C * n, -1)
+        pos = torch.arange(N - 1, N - 1 + L, device=dev)[None].expand(C * n, -1)
+        targets = torch.tensor([o + [0] * (L - len(o)) for o in options], device=dev).repeat(C, 1)
+        with torch.inference_mode():
+            logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos,
+                                past_key_values=self._stack(caches, repeat=n), use_cache=True).logits
+            lp = logits.float().log_softmax(-1).gather(2, targets[..., None])[..., 0]  # (C * n, L)
+        out = []
+        for c in range(C):
+            scores = [float(lp[c * n + i, :len(o)].sum()) for i, o in enumerate(options)]
+            out.append((max(range(n), key=scores.__getitem__), scores))
+        return out, L
+
+    def generate_rows(self, caches: list[KVCache], max_new_tokens: int,
+                      stops: tuple[str, ...]) -> list[tuple[str, int]]:
+        """`generate` for several configurations' caches at once, each row stopping at its own stop string or
+        end of sequence. Returns each configuration's text and the tokens its cache was fed (what its bytes
+        count, as `generate` counts them). The caches are not changed."""
+        self._check_window(max_new_tokens)
+        return self._decode(self._stack(caches), len(caches), max_new_tokens, stops)
+
+    def _check_window(self, max_new_tokens: int) -> None:
+        n, window = int(self.mask.sum()), max_len(self.model)
         if window is not None and n + max_new_tokens > window:
             raise KvbenchError(f"sample {self.sample.id}: {n} prompt tokens + {max_new_tokens} new ones exceed the "
                                f"model's {window}-token window; lower max_new_tokens or shorten the prompt")
-        cache = self.cache(method)
-        logits = self.model(input_ids=torch.tensor([[self.last]], device=self.mask.device), attention_mask=self.mask,
-                            position_ids=torch.tensor([[n - 1]], device=self.mask.device), past_key_values=cache,
-                            use_cache=True).logits[:, -1].float()
 
-        def stop(ids: list[int]) -> bool:
-            return bool(stops) and any(s in self.tok.decode(ids, skip_special_tokens=True) for s in stops)
+    def _decode(self, cache: KVCache, R: int, max_new_tokens: int,
+                stops: tuple[str, ...]) -> list[tuple[str, int]]:
+        """Feed the prompt's last token through `cache` (R rows), then decode greedily: per row, the text (cut at
+        end of sequence and at the first stop string) and how many tokens entered the cache."""
+        n, dev = int(self.mask.sum()), self.mask.device
+        mask = self.mask.expand(R, -1)
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.full((R, 1), self.last, device=dev), attention_mask=mask,
+                                position_ids=torch.full((R, 1), n - 1, device=dev), past_key_values=cache,
+                                use_cache=True).logits[:, -1].float()
 
-        new = greedy(self.model, cache, logits, self.mask, max_new_tokens, self.eos, stop)[0].tolist()
-        cut = next((i for i, t in enumerate(new) if t in self.eos), len(new))
-        text = self.tok.decode(new[:cut], skip_special_tokens=True)
-        for s in stops:
-            text = text.split(s)[0]
-        return text, cache
+            def stop(ids: list[int]) -> bool:
+                return bool(stops) and any(s in self.tok.decode(ids, skip_special_tokens=True) for s in stops)
+
+            toks, lengths = greedy_rows(self.model, cache, logits, mask, max_new_tokens, self.eos, stop)
+        out = []
+        for row, k in zip(toks.tolist(), lengths):
+            new = row[:k]
+            cut = next((i for i, t in enumerate(new) if t in self.eos), len(new))
+            text = self.tok.decode(new[:cut], skip_special_tokens=True)
+            for s in stops:
+                text = text.split(s)[0]
+            out.append((text, k))  # the last token plus every new one but the last entered the cache
+        return out

@@ -77,7 +77,8 @@ class Worker:
             try:
                 faults.hit("sample", sid)
                 rows = [] if not todo else evaluate_sample(self.model, self.tok, task, by_id[sid], todo, chat,
-                                                           self.exp.mc, max_new, full_answers.get(sid))
+                                                           self.exp.mc, max_new, full_answers.get(sid),
+                                                           batch_size=self.exp.batch_size)
             except Exception as e:  # noqa: BLE001 (one sample's error must not end the run; fatal ones re-raised)
                 if fatal(e):
                     raise
