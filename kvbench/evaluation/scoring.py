@@ -52,6 +52,9 @@ def _kl_and_nll(full: torch.Tensor, comp: torch.Tensor, ids: list[int]) -> tuple
     return float(nll_comp - nll_full), max(0.0, float(kl))
 
 
+LOGITS_BYTES = 1 << 30  # the batched fidelity pass's log-distributions, at most (about) this many bytes at once
+
+
 @dataclass
 class _Outcome:
     """What one configuration gave on a sample, before it becomes a `Row`."""
@@ -97,10 +100,11 @@ def _alone(run: SampleRun, m: Method, loglik: bool, max_new: int, full_lp: torch
 
 
 def _together(run: SampleRun, ms: list[Method], caches: list[KVCache], loglik: bool, max_new: int,
-              full_lp: torch.Tensor | None) -> list[_Outcome]:
+              full_lp: torch.Tensor | None, built_seconds: float) -> list[_Outcome]:
     """Configurations as rows of one batch, each cache built once and used for both the answer and fidelity.
-    Each row's bytes are those its cache would hold had it been decoded alone (`nbytes_after`)."""
-    t0 = time.perf_counter()
+    Each row's bytes are those its cache would hold had it been decoded alone (`nbytes_after`). `built_seconds`:
+    the time building the caches took (their compression counts in the rows' seconds, as it does alone)."""
+    t0 = time.perf_counter() - built_seconds
     if loglik:
         picked, fed = run.choose_rows(caches)
         results = [(_choice(run.sample, p, sc), fed) for p, sc in picked]
@@ -111,9 +115,13 @@ def _together(run: SampleRun, ms: list[Method], caches: list[KVCache], loglik: b
             for (judged, fed), c in zip(results, caches)]
     fid = [i for i, m in enumerate(ms) if m.name != "full"]
     if full_lp is not None and fid:
-        lps = run.logprobs_rows([caches[i] for i in fid], run.target_ids)
-        for j, i in enumerate(fid):
-            outs[i].delta_nll, outs[i].kl = _kl_and_nll(full_lp, lps[j], run.target_ids)
+        # Log-distributions are (rows, L, V) float32: chunk the rows so one pass holds about LOGITS_BYTES.
+        per = max(1, LOGITS_BYTES // max(1, full_lp.numel() * 4))
+        for k in range(0, len(fid), per):
+            chunk = fid[k:k + per]
+            lps = run.logprobs_rows([caches[i] for i in chunk], run.target_ids)
+            for j, i in enumerate(chunk):
+                outs[i].delta_nll, outs[i].kl = _kl_and_nll(full_lp, lps[j], run.target_ids)
     share = (time.perf_counter() - t0) / len(ms)  # the batch's time, split evenly over its rows
     for o in outs:
         o.seconds = share
@@ -145,13 +153,22 @@ def evaluate_sample(model, tokenizer, task: Task, sample: Sample, configs: list[
     max_new = 8 if cfg.output == "multiple_choice" else (max_new_tokens or cfg.max_new_tokens)
     outcomes: dict[int, _Outcome] = {}
     if batch_size > 1:
-        built = {i: run.cache(m) for i, m in enumerate(ordered) if m.shares_prefill}
-        rows = [i for i, c in built.items() if run.stackable(c)]
+        # Caches are built in order and held only until their batch is full (at most `per` at a time); one that
+        # does not stack is dropped at once and rebuilt by `_alone` (compression is cheap next to decoding).
         per = max(1, batch_size // (len(sample.choices) if loglik else 1))
-        for k in range(0, len(rows), per):
-            group = rows[k:k + per]
-            outs = _together(run, [ordered[i] for i in group], [built[i] for i in group], loglik, max_new, full_lp)
-            outcomes.update(zip(group, outs))
+        group: dict[int, KVCache] = {}
+        built = 0.0
+        for i, m in enumerate(ordered):
+            t0 = time.perf_counter()
+            cache = run.cache(m) if m.shares_prefill else None
+            if cache is not None and run.stackable(cache):
+                group[i] = cache
+                built += time.perf_counter() - t0
+            if group and (len(group) == per or i == len(ordered) - 1):
+                outs = _together(run, [ordered[j] for j in group], list(group.values()), loglik, max_new, full_lp,
+                                 built)
+                outcomes.update(zip(group, outs))
+                group, built = {}, 0.0
     rows_out = []
     for i, m in enumerate(ordered):
         o = outcomes.get(i) or _alone(run, m, loglik, max_new, full_lp)
