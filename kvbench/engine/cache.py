@@ -258,11 +258,7 @@ class CompressedLayer(DynamicLayer):
 
     def full_nbytes(self) -> int:
         """What a plain transformers layer holding the same sequence would hold."""
-        if self.pos is None:
-            return 0
-        T = self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return self.pos.shape[0] * self.heads * T * (self.k_dim + self.v_dim) * size
+        return 0 if self.pos is None else self.full_nbytes_after(0)
 
     def kept_tokens(self) -> torch.Tensor:
         """Real tokens held now, per row and head: (B, Hk)."""
@@ -336,16 +332,23 @@ class KVCache(Cache):
         nothing more: stack only caches whose compression is over (no decoding budget) and that hold dense
         tensors (no storage codec); the caches themselves are left as they are."""
         for c in caches:
-            if c.method is not None and c.method.compresses_decoding:
-                raise KvbenchError(f"{c.method.name} compresses generated tokens per row; decode it alone")
-            if any(layer.codec is not None for layer in c.layers):
-                raise KvbenchError("a cache held by a storage codec cannot be stacked; decode it alone")
-            if any(layer.pos is not None and layer.pos.shape[0] != 1 for layer in c.layers):
-                raise KvbenchError("only one-row caches can be stacked")
+            problem = c.why_not_stackable()
+            if problem:
+                raise KvbenchError(problem)
         out = cls(config, None, [row for c in caches for row in (c.segments or [[]])])
         for i, layer in enumerate(out.layers):
             layer.stack_rows([c.layers[i] for c in caches])
         return out
+
+    def why_not_stackable(self) -> str | None:
+        """Why this cache cannot be a row of `stack` (one line with the fix), or None when it can."""
+        if self.method is not None and self.method.compresses_decoding:
+            return f"{self.method.name} compresses generated tokens per row; decode it alone"
+        if any(layer.codec is not None for layer in self.layers):
+            return "a cache held by a storage codec cannot be stacked; decode it alone"
+        if any(layer.pos is not None and layer.pos.shape[0] != 1 for layer in self.layers):
+            return "only one-row caches can be stacked"
+        return None
 
     # --- statistics -----------------------------------------------------------------
     def nbytes(self) -> int:

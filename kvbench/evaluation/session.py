@@ -129,8 +129,7 @@ class SampleRun:
 
     @staticmethod
     def stackable(cache: KVCache) -> bool:
-        m = cache.method
-        return (m is None or not m.compresses_decoding) and all(layer.codec is None for layer in cache.layers)
+        return cache.why_not_stackable() is None
 
     def _stack(self, caches: list[KVCache], repeat: int = 1) -> KVCache:
         stacked = KVCache.stack(self.model.config, caches)
