@@ -1,9 +1,10 @@
-"""Configurations as rows of one batch: `evaluate(batch_size=N)` gives the rows `batch_size=1` gives.
+"""Configurations and samples as rows of one batch: `evaluate(batch_size=N)` gives the rows `batch_size=1` gives.
 
 On the six test architectures (tiny random models over a 24-word fast tokenizer), a multiple-choice
-and a generation task, methods whose caches stack (compression over after prefill, dense storage) and methods
-that must run alone (decoding budgets, storage codecs): same answers, scores, kept
-tokens and bytes; KL and ΔNLL within 1e-4 (float reductions over a padded batch differ in the last bits).
+and a generation task whose samples differ in length, methods whose caches stack with any other (compression
+over after prefill, dense storage), methods that stack only with their own configuration (decoding budgets)
+and methods that must run alone (storage codecs): same answers, scores, kept tokens and bytes; KL and ΔNLL
+within 1e-4 (float reductions over a padded batch differ in the last bits).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kvbench.engine.cache import KVCache
 from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
 from kvbench.evaluation import FULL, SampleRun, evaluate
-from kvbench.methods import make_method
+from kvbench.methods import label, make_method
 from kvbench.tasks.base import Sample, Task, TaskConfig
 
 WORDS = "the cat sat on a mat while seven dogs ran far away from home and ate bread with jam".split()
@@ -45,12 +46,13 @@ class WordsMC(Task):
 
     def load(self):
         g = torch.Generator().manual_seed(5)
-        return [Sample(id=f"w/{i}", parts=(Part("instruction", _words(g, 6)), *(Part("shot", _words(g, 20))
+        # Prompts of three lengths: rows of one batch come from samples of different lengths.
+        return [Sample(id=f"w/{i}", parts=(Part("instruction", _words(g, 6)), *(Part("shot", _words(g, 20 + 4 * i))
                                                                                 for _ in range(3)),
-                                            Part("question", _words(g, 8))),
-                       target=_words(g, 5), answer="B", choices=(" " + _words(g, 2), " " + _words(g, 4),
-                                                                 " " + _words(g, 3)), letters=("A", "B", "C"))
-                for i in range(2)]
+                                            Part("question", _words(g, 8 + i))),
+                       target=_words(g, 5 + i), answer="B", choices=(" " + _words(g, 2), " " + _words(g, 4),
+                                                                     " " + _words(g, 3)), letters=("A", "B", "C"))
+                for i in range(3)]
 
     def filters(self):
         return {"first": lambda text: (text.split() or [None])[0]}
@@ -66,10 +68,12 @@ class WordsGen(WordsMC):
 STACKED = [make_method(n, ratio=0.5) for n in ("snapkv", "streamingllm", "h2o", "pyramidkv", "chunkkv", "random",
                                                "pyramidinfer")] + \
           [make_method("snapkv", ratio=0.3), make_method("shotkv", ratio=0.4, prefill_only=True)]
-ALONE = [make_method("shotkv", ratio=0.5),  # compresses generated tokens, per row
-         make_method("streamingllm", ratio=0.5, decoding_budget=40),
-         make_method("kivi", group_size=8, residual=16),  # a storage codec
+SAME_CONFIG = [make_method("shotkv", ratio=0.5),  # compresses generated tokens: stacks with its own configuration
+               make_method("h2o", ratio=0.5, decoding_budget=4, decoding_every=3),
+               make_method("streamingllm", ratio=0.5, decoding_budget=40)]
+ALONE = [make_method("kivi", group_size=8, residual=16),  # a storage codec
          make_method("snapkv+kivi", ratio=0.5, group_size=8, residual=16)]
+METHODS = STACKED + SAME_CONFIG + ALONE
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +94,24 @@ def words():
 @pytest.mark.parametrize("task_cls", [WordsMC, WordsGen])
 def test_batched_rows_equal_one_at_a_time(arch, task_cls, words, monkeypatch):
     tok, model = words[0], words[1][arch]
-    reference = evaluate(model, tok, task_cls(), STACKED + ALONE, progress=False, batch_size=1)
-    stacked = []
-    real_stack = KVCache.stack.__func__
+    reference = evaluate(model, tok, task_cls(), METHODS, progress=False, batch_size=1)
+    stacks, selects = [], []
+    real_stack, real_select = KVCache.stack.__func__, KVCache.batch_select_indices
     monkeypatch.setattr(KVCache, "stack", classmethod(lambda cls, config, caches: (
-        stacked.append(len(caches)), real_stack(cls, config, caches))[1]))
-    batched = evaluate(model, tok, task_cls(), STACKED + ALONE, progress=False, batch_size=6)
-    # Per sample, full + 9 stacked configurations in batches of up to 6 (multiple choice: 2 configurations x 3
-    # options), then their fidelity pass without full; the others never stacked.
-    n = len(STACKED) + 1
-    per = 6 if task_cls is WordsGen else 2
-    assert sum(stacked) == 2 * (n + len(STACKED)) and max(stacked) <= per, str(stacked)
-    assert [r.config for r in batched] == [r.config for r in reference]
+        stacks.append([(c.stack_key(), c.layers[0].seen) for c in caches]),
+        real_stack(cls, config, caches))[1]))
+    monkeypatch.setattr(KVCache, "batch_select_indices", lambda self, idx: (selects.append(len(idx)),
+                                                                            real_select(self, idx))[1])
+    batched = evaluate(model, tok, task_cls(), METHODS, progress=False, batch_size=6)
+    options = 3 if task_cls is WordsMC else 1  # a row per option: each cache stacked that many times
+    assert max(len(s) for s in stacks) == 6 * options, stacks  # (sample, configuration) pairs: batch_size
+    assert any(len({seen for _, seen in s}) == 3 for s in stacks)  # rows of three samples (lengths) in one batch
+    for m in SAME_CONFIG:  # decoding budgets: all three samples in one stack, nothing else in it
+        assert [{m}, 3 * options] in [[{k for k, _ in s}, len(s)] for s in stacks if any(k == m for k, _ in s)]
+    assert {k for s in stacks for k, _ in s} == {"append", *SAME_CONFIG}  # and no storage codec
+    if task_cls is WordsGen and arch == "llama":  # rows that were done left the batch
+        assert selects and all(0 < k < 6 for k in selects), selects
+    assert [(r.sample, r.config) for r in batched] == [(r.sample, r.config) for r in reference]
     for a, b in zip(reference, batched):
         assert (b.output, b.extracted, b.score, b.agree) == (a.output, a.extracted, a.score, a.agree), a.config
         assert (b.kept_tokens, b.cache_bytes, b.full_cache_bytes) == (a.kept_tokens, a.cache_bytes,
@@ -111,17 +121,27 @@ def test_batched_rows_equal_one_at_a_time(arch, task_cls, words, monkeypatch):
             b.extra["option_loglik"] == pytest.approx(a.extra["option_loglik"], abs=1e-4)
     if task_cls is WordsGen and arch == "llama":  # (seeded) rows of one batch ended at different steps
         assert len({len(r.output) for r in reference}) > 2
+        # and the decoding budgets did evict: bytes below the same method's without one
+        by = {(r.sample, r.config): r.cache_bytes for r in reference}
+        budget = label(SAME_CONFIG[1])
+        pairs = [(by[(s, budget)], by[(s, "h2o@0.5")]) for s, c in by if c == budget]
+        assert all(a <= b for a, b in pairs) and any(a < b for a, b in pairs), pairs
 
 
 def test_stacking_refuses_what_would_decode_wrongly(words):
     tok, model = words[0], words[1]["llama"]
     task = WordsGen()
-    run = SampleRun(model, tok, task, task.samples(1)[0], [FULL, *ALONE[:3]], chat=False)
-    for m, problem in [(ALONE[0], "compresses generated tokens"), (ALONE[2], "storage codec")]:
-        cache = run.cache(m)
-        assert not run.stackable(cache)
-        with pytest.raises(KvbenchError, match=problem):
-            KVCache.stack(model.config, [run.cache(FULL), cache])
+    run = SampleRun(model, tok, task, task.samples(1)[0], [FULL, *SAME_CONFIG, *ALONE], chat=False)
+    shot = run.cache(SAME_CONFIG[0])
+    assert shot.why_not_stackable() is None and shot.stack_key() != run.cache(FULL).stack_key()
+    with pytest.raises(KvbenchError, match="stack only with the same configuration"):
+        KVCache.stack(model.config, [run.cache(FULL), shot])
+    with pytest.raises(KvbenchError, match="stack only with the same configuration"):
+        KVCache.stack(model.config, [run.cache(SAME_CONFIG[1]), shot])
+    kivi = run.cache(ALONE[0])
+    assert "storage codec" in kivi.why_not_stackable()
+    with pytest.raises(KvbenchError, match="storage codec"):
+        KVCache.stack(model.config, [run.cache(FULL), kivi])
 
 
 def test_a_stacked_row_holds_its_own_slots_left_padded(words):
@@ -140,16 +160,57 @@ def test_a_stacked_row_holds_its_own_slots_left_padded(words):
     assert full.nbytes_after(0) == full.nbytes() and small.nbytes_after(0) == small.nbytes()
 
 
+def test_rows_of_two_prompts_are_aligned_on_the_latest_position(words):
+    """A longer and a shorter sample stacked: the batch has seen the longer prompt, and the shorter row's
+    positions move up by the difference (a sliding window compares positions with `seen`)."""
+    tok, model = words[0], words[1]["gemma3"]
+    task = WordsGen()
+    short, long = (SampleRun(model, tok, task, s, [FULL], chat=False) for s in task.samples(3)[::2])
+    a, b = long.cache(FULL), short.cache(FULL)
+    both = KVCache.stack(model.config, [a, b])
+    d = long.prompt.n - short.prompt.n
+    assert d == 3 * 8 + 2  # three shots 8 words longer, the question 2
+    for layer, la, lb in zip(both.layers, a.layers, b.layers):
+        T, k = la.stored_length(), lb.stored_length()
+        assert (layer.seen, layer.n_prompt, layer.n_prefill_slots) == (la.seen, la.n_prompt, la.n_prefill_slots)
+        assert torch.equal(layer.pos[1, :, T - k:], lb.pos[0] + d) and torch.equal(layer.pos[0], la.pos[0])
+        assert not layer.valid[1, :, : T - k].any()
+
+
+def test_the_bytes_a_decoding_budget_leaves(words):
+    """`nbytes_after` under a decoding budget: the generated tokens `on_decode` would hold, hand-counted."""
+    from kvbench.engine.cache import held_generated
+
+    h2o = make_method("h2o", ratio=0.5, decoding_budget=4, decoding_every=3)
+    # step: 1 2 3 4 5 6 7 8 9; held before the cut: 1 2 3 4 5 6 5 6 7; cut at steps 6 and 9 (held > 4)
+    assert [held_generated(h2o, n) for n in range(10)] == [0, 1, 2, 3, 4, 5, 4, 5, 6, 4]
+    shot = make_method("shotkv", ratio=0.5)  # keeps round(n / 2) every step
+    assert [held_generated(shot, n) for n in range(6)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_groups_and_batches_by_length_and_budget():
+    from kvbench.evaluation.grouping import batches, sample_groups
+
+    # shortest first; at most 2 a group; tokens x configurations within 100
+    assert sample_groups([30, 10, 20, 40], [2, 2, 2, 2], 2, 100) == [[1, 2], [0], [3]]
+    assert sample_groups([30, 10, 20, 40], [1, 1, 1, 1], 3, 1000) == [[1, 2, 0], [3]]
+    assert sample_groups([500], [3], 4, 10) == [[0]]  # one sample at least
+    # rows x (longest prompt + new) within 100, at most 3 items
+    assert batches([10, 10, 20, 20, 30], [1, 1, 1, 1, 1], 5, 3, 100) == [range(0, 3), range(3, 5)]
+    assert batches([10, 10, 20, 20, 30], [2, 2, 2, 2, 2], 5, 3, 100) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert batches([90], [4], 20, 3, 100) == [range(0, 1)]
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("task", ["mmlu", "gsm8k"])  # all seven: benchmarks/batched_eval.py
 def test_on_the_default_model_batched_rows_equal_one_at_a_time(default_model, task):
-    """The quick config's matrix on one sample: same answers, kept tokens and bytes; fidelity within 1e-4."""
+    """The quick config's matrix on two samples: same answers, kept tokens and bytes; fidelity within 1e-4."""
     from kvbench.jobs import config
     from kvbench.tasks import make_task
 
     model, tok = default_model
     exp = config.parse(config.read("quick"), where="quick")
-    rows = {bs: evaluate(model, tok, make_task(task), exp.method_objects(), limit=1, progress=False,
+    rows = {bs: evaluate(model, tok, make_task(task), exp.method_objects(), limit=2, progress=False,
                          max_new_tokens=12, batch_size=bs) for bs in (1, 16)}
     for a, b in zip(rows[1], rows[16]):
         assert (b.output, b.score, b.kept_tokens, b.cache_bytes) == (a.output, a.score, a.kept_tokens,

@@ -98,6 +98,7 @@ BAD = [
     row(f"{EVAL} --shots -1", "shots must be a whole number >= 0"),
     row(f"{EVAL} --max-new-tokens 0", "--max-new-tokens 0 is too small"),
     row(f"{EVAL} --batch-size 0", "--batch-size 0 is too small"),
+    row(f"{EVAL} --max-batch-tokens 0", "--max-batch-tokens 0 is too small"),
     row("kvbench eval --task nosuch --method snapkv --ratio 0.3", "unknown task 'nosuch'"),
     row(f"{EVAL} --task-set lenght=2", "lenght"),
     row(f"{EVAL} --mc guess", "invalid choice: 'guess'"),  # argparse
@@ -133,6 +134,7 @@ BAD = [
     row(f"{RUN} --limit 0", "limit must be a whole number >= 1"),
     row(f"{RUN} --max-new-tokens 0", "max_new_tokens must be a whole number >= 1"),
     row(f"{RUN} --batch-size 0", "batch_size must be a whole number >= 1"),
+    row(f"{RUN} --max-batch-tokens -5", "max_batch_tokens must be a whole number >= 1"),
     row(f"{RUN} --seed -1", "seed must be a whole number >= 0"),
     row(f"{RUN} --dtype float8", "dtype 'float8' is not one of"),
     row(f"{RUN} --device tpu", "device 'tpu'"),

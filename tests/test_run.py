@@ -110,7 +110,8 @@ def test_resume_after_kill_9_gives_the_uninterrupted_rows(config, reference, tmp
     """kill -9 between samples, and in the middle of a sample's transaction (between its statements): the
     rows committed stay, the sample in flight leaves nothing, and resuming gives the uninterrupted rows."""
     third = _samples(reference)[2]
-    p = _run(config, tmp_path, env={"KVBENCH_FAULT": f"kill@{place}:{third}"})
+    # --batch-size 1: a sample at a time (batched, a group of samples is evaluated, and lost, together)
+    p = _run(config, tmp_path, "--batch-size", "1", env={"KVBENCH_FAULT": f"kill@{place}:{third}"})
     p.communicate(timeout=900)
     assert p.returncode == -signal.SIGKILL
     partial = _rows(tmp_path)
@@ -133,7 +134,7 @@ def test_a_signal_ends_the_run_cleanly_and_resuming_gives_the_uninterrupted_rows
     store write lets that write finish (its sample is stored); one between samples stops before the next."""
     samples = _samples(reference)
     env = {"KVBENCH_FAULT": f"{'term' if sig == 'term' else 'int'}@{place}:{samples[1]}"}
-    p = _run(config, tmp_path, env=env)
+    p = _run(config, tmp_path, "--batch-size", "1", env=env)  # a sample at a time
     _, stderr = p.communicate(timeout=900)
     signum = signal.SIGTERM if sig == "term" else signal.SIGINT
     assert p.returncode == 128 + signum, stderr
@@ -152,7 +153,8 @@ def test_a_signal_ends_the_run_cleanly_and_resuming_gives_the_uninterrupted_rows
 @pytest.mark.parametrize("action, kind", [("raise", "RuntimeError"), ("oom", "OutOfMemoryError")])
 def test_a_failing_sample_is_recorded_and_the_run_goes_on(config, reference, tmp_path, action, kind):
     """One sample raises: it is a recorded failure (task, sample, configurations, one-line error), every other
-    sample is scored, the run and the report say so, and re-running retries that sample only."""
+    sample is scored, the run and the report say so, and re-running retries that sample only. The three samples
+    are one batched group: the group fails, and each of its samples is then evaluated on its own."""
     samples = _samples(reference)
     bad = samples[1]
     p = _run(config, tmp_path, env={"KVBENCH_FAULT": f"{action}@sample:{bad}"})
@@ -185,7 +187,7 @@ def test_a_failure_that_would_recur_for_every_sample_stops_the_run(config, refer
     """Disk full while a sample is evaluated: the run stops at once with one line (no sample after it is tried,
     nothing recorded as that sample's failure), and what was stored stays."""
     samples = _samples(reference)
-    p = _run(config, tmp_path, env={"KVBENCH_FAULT": f"enospc@sample:{samples[1]}"})
+    p = _run(config, tmp_path, "--batch-size", "1", env={"KVBENCH_FAULT": f"enospc@sample:{samples[1]}"})
     _, stderr = p.communicate(timeout=900)
     assert p.returncode == 2, stderr
     lines = stderr.strip().splitlines()

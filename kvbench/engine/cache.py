@@ -211,29 +211,40 @@ class CompressedLayer(DynamicLayer):
         self.pos, self.valid = self.pos[:, :, -keep:], self.valid[:, :, -keep:]
 
     def stack_rows(self, rows: list[CompressedLayer]) -> None:
-        """Become the one-row layers `rows` (same prompt, any kept slots) as rows of one batch: slots
-        right-aligned, shorter rows padded on the left with invalid filler, as `keep` pads."""
+        """Become the one-row layers `rows` (any prompts, any kept slots) as rows of one batch: slots
+        right-aligned, shorter rows padded on the left with invalid filler, as `keep` pads.
+
+        Rows of different prompts have seen different counts: the batch's `seen` is the largest, and each
+        row's positions are shifted by its difference, so a sliding window (which compares positions with
+        `seen`) still sees what the row alone would. Rotary positions come from the caller's position ids."""
         T = max(r.stored_length() for r in rows)
         hv = max(r.valid.shape[1] for r in rows)
+        seen = max(r.seen for r in rows)
+        first = rows[0]
+        ahead = {None if r.n_prompt is None else r.n_prompt - r.seen for r in rows}
+        if len(ahead) != 1 or len({r.n_prefill_slots - r.stored_length() for r in rows}) != 1:
+            raise KvbenchError("only caches at the same point (prompt fed, nothing generated) can be stacked")
 
         def left(t: torch.Tensor, n: int) -> torch.Tensor:  # n filler slots before t's (zeros / False)
             return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
 
-        first = rows[0]
-        for name in ("sliding_window", "is_sliding", "seen", "n_prompt", "is_initialized", "heads", "k_dim",
-                     "v_dim", "dtype", "device"):
+        for name in ("sliding_window", "is_sliding", "is_initialized", "heads", "k_dim", "v_dim", "dtype", "device"):
             setattr(self, name, getattr(first, name))
+        self.seen = seen
+        self.n_prompt = None if first.n_prompt is None else seen + (first.n_prompt - first.seen)
         self.keys = torch.cat([left(r.keys, T - r.stored_length()) for r in rows])
         self.values = torch.cat([left(r.values, T - r.stored_length()) for r in rows])
-        self.pos = torch.cat([left(r.pos, T - r.stored_length()) for r in rows])
+        self.pos = torch.cat([left(r.pos + (seen - r.seen), T - r.stored_length()) for r in rows])
         self.valid = torch.cat([left(r.valid.expand(-1, hv, -1), T - r.stored_length()) for r in rows])
         self.all_valid = all(r.all_valid and r.stored_length() == T for r in rows)
         self.n_prefill_slots = T + first.n_prefill_slots - first.stored_length()  # (tokens announced, unfed)
         self.prefill_kept = torch.cat([r.prefill_kept for r in rows])
+        if first.accumulated is not None:  # attention received while decoding (H2O's budget): per slot
+            self.accumulated = torch.cat([left(r.accumulated, T - r.stored_length()) for r in rows])
 
     def nbytes_after(self, fed: int) -> int:
-        """`nbytes` once `fed` more tokens have entered a layer that only appends (dense, no decoding
-        eviction): what a row of a stacked batch would hold had it been decoded alone."""
+        """`nbytes` once `fed` more slots are held (dense storage): what a row of a stacked batch would hold had
+        it been decoded alone (`KVCache.nbytes_after` counts the slots a decoding budget leaves)."""
         if self.codec is not None or self.keys is None:
             raise KvbenchError("nbytes_after needs a dense layer that only appends")
         slots = self._held(self.stored_length(), fed)
@@ -326,24 +337,35 @@ class KVCache(Cache):
 
     @classmethod
     def stack(cls, config, caches: list[KVCache]) -> KVCache:
-        """One batch whose rows are the one-row caches `caches` of the same prompt (e.g. several methods'
-        compressions of it), to decode or score them together. The rows keep exactly their own slots (right-
-        aligned, invalid filler on the left), so each row attends to what it would alone. The result compresses
-        nothing more: stack only caches whose compression is over (no decoding budget) and that hold dense
-        tensors (no storage codec); the caches themselves are left as they are."""
+        """One batch whose rows are the one-row caches `caches` (of one prompt or of several: e.g. several
+        methods' compressions of several samples), to decode or score them together. The rows keep exactly their
+        own slots (right-aligned, invalid filler on the left), so each row attends to what it would alone; the
+        caller gives each row its own position ids. Caches whose method compresses generated tokens stack only
+        with caches of the very same configuration (`stack_key`): the batch then evicts as each would alone (the
+        same budget at the same step in every row, each row choosing its own tokens). Storage codecs do not
+        stack. The caches themselves are left as they are."""
+        keys = set()
         for c in caches:
             problem = c.why_not_stackable()
             if problem:
                 raise KvbenchError(problem)
-        out = cls(config, None, [row for c in caches for row in (c.segments or [[]])])
+            keys.add(c.stack_key())
+        if len(keys) > 1:
+            raise KvbenchError("caches that compress generated tokens stack only with the same configuration's")
+        method = caches[0].method if caches[0].method is not None and caches[0].method.compresses_decoding else None
+        out = cls(config, method, [row for c in caches for row in (c.segments or [[]])])
         for i, layer in enumerate(out.layers):
             layer.stack_rows([c.layers[i] for c in caches])
         return out
 
+    def stack_key(self) -> object:
+        """Caches with equal keys can be rows of one `stack`: any that only append, or one configuration that
+        compresses generated tokens (its decoding budget is applied to the whole batch at once)."""
+        m = self.method
+        return m if m is not None and m.compresses_decoding else "append"
+
     def why_not_stackable(self) -> str | None:
         """Why this cache cannot be a row of `stack` (one line with the fix), or None when it can."""
-        if self.method is not None and self.method.compresses_decoding:
-            return f"{self.method.name} compresses generated tokens per row; decode it alone"
         if any(layer.codec is not None for layer in self.layers):
             return "a cache held by a storage codec cannot be stacked; decode it alone"
         if any(layer.pos is not None and layer.pos.shape[0] != 1 for layer in self.layers):
@@ -359,8 +381,12 @@ class KVCache(Cache):
         return sum(layer.full_nbytes() for layer in self.layers)
 
     def nbytes_after(self, fed: int) -> int:
-        """`nbytes` once `fed` more tokens have entered (a cache that only appends; see `stack`)."""
-        return sum(layer.nbytes_after(fed) for layer in self.layers)
+        """`nbytes` once `fed` more tokens have entered, the first of them the prompt's last (`extend_prompt`):
+        what a row of a `stack` would hold had it been decoded alone. Generated tokens under a decoding budget
+        count as `compress.on_decode` holds them (sliding-window layers are never compressed)."""
+        m = self.method
+        held = fed if m is None or not m.compresses_decoding or fed < 1 else 1 + held_generated(m, fed - 1)
+        return sum(layer.nbytes_after(fed if layer.sliding_window is not None else held) for layer in self.layers)
 
     def full_nbytes_after(self, fed: int) -> int:
         return sum(layer.full_nbytes_after(fed) for layer in self.layers)
@@ -374,3 +400,15 @@ class KVCache(Cache):
             mean = [] if kept is None else kept.float().mean(dim=1).tolist()
             rows.append([int(x) if x == int(x) else x for x in mean])
         return [list(r) for r in zip(*rows)] if rows and rows[0] else []
+
+
+def held_generated(method: Compressor, n: int) -> int:
+    """Generated tokens a layer holds after `n` entered under `method`'s decoding budget: each step appends one,
+    and every `decoding_every` steps the tail is cut to `decoding_keep_count` when it holds more."""
+    held = 0
+    for step in range(1, n + 1):
+        held += 1
+        k = method.decoding_keep_count(step)
+        if held > k and not step % method.decoding_every:
+            held = k
+    return held

@@ -66,47 +66,55 @@ def greedy(model, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Te
 
     `logits` (B, V) are the prompt's last-token logits; positions continue from each row's
     real length, whatever the cache holds. A row is done at an `eos` token or when
-    `stop(its new tokens)` says so (e.g. a stop string appeared). Returns the new tokens (B, n).
+    `stop(its new tokens)` says so (e.g. a stop string appeared); the batch moves together until
+    every row is done. Returns the new tokens (B, n).
     """
-    return greedy_rows(model, cache, logits, attention_mask, max_new_tokens, eos, stop)[0]
+    return torch.tensor(_greedy(model, cache, logits, attention_mask, max_new_tokens, eos, stop, False)[0],
+                        device=logits.device)
 
 
 @torch.inference_mode()
 def greedy_rows(model, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                eos: set[int] | None = None,
-                stop: Callable[[list[int]], bool] | None = None) -> tuple[torch.Tensor, list[int]]:
-    """`greedy`, also returning each row's own length: the step at which it was done (its eos or stop
-    token included), or all steps. A row's tokens up to its length are what decoding it alone gives;
-    rows done earlier than others keep being fed (the batch moves together) but are no longer checked."""
+                eos: set[int] | None = None, stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+    """`greedy`, each row's tokens up to its own end (its eos or stop token included) or all steps: what decoding
+    it alone gives. Rows that are done leave the batch (a quarter of it at a time: selecting rows copies the
+    cache), so they stop costing compute; the cache is left holding the rows still running at the end."""
+    toks, lengths = _greedy(model, cache, logits, attention_mask, max_new_tokens, eos, stop, True)
+    return [t[:n] for t, n in zip(toks, lengths)]
+
+
+def _greedy(model, cache, logits, attention_mask, max_new_tokens, eos, stop, drop: bool):
     eos_t = torch.tensor(sorted(eos or []), device=logits.device)
     pos = attention_mask.sum(-1, keepdim=True)  # next position of each row
     mask = attention_mask
     B = logits.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    rows = list(range(B))  # the original row of each batch row still fed
+    out: list[list[int]] = [[] for _ in range(B)]
     lengths = [0] * B
-    out = []
-    for _ in range(max_new_tokens):
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    for step in range(1, max_new_tokens + 1):
         tok = logits.argmax(-1)
-        out.append(tok)
+        for r, t in zip(rows, tok.tolist()):
+            out[r].append(t)
         now = done | torch.isin(tok, eos_t)
         if stop is not None:
-            open_rows = [i for i, d in enumerate(now.tolist()) if not d]
-            if open_rows:
-                toks = torch.stack(out, dim=1)[open_rows].tolist()
-                hits = [i for i, r in zip(open_rows, toks) if stop(r)]
-                if hits:
-                    now[hits] = True
-        for i in (now & ~done).nonzero().flatten().tolist():
-            lengths[i] = len(out)
+            hits = [b for b, d in enumerate(now.tolist()) if not d and not lengths[rows[b]] and stop(out[rows[b]])]
+            now[hits] = True
+        for b in (now & ~done).nonzero().flatten().tolist():
+            lengths[rows[b]] = step
         done = now
-        if bool(done.all()) or len(out) == max_new_tokens:
+        if bool(done.all()) or step == max_new_tokens:
             break
+        if drop and 4 * int(done.sum()) >= len(rows):
+            keep = (~done).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            tok, mask, pos, done = tok[keep], mask[keep], pos[keep], done[keep]
+            rows = [rows[i] for i in keep.tolist()]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, -1].float()
         pos = pos + 1
-    lengths = [n or len(out) for n in lengths]
-    return torch.stack(out, dim=1), lengths
+    return out, [n or len(t) for n, t in zip(lengths, out)]
 
 
 def max_len(model) -> int | None:

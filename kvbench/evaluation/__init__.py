@@ -14,9 +14,9 @@ the full cache included ("prefill once, compress many"). Then, against each cach
 """
 
 from kvbench.evaluation.configs import FULL, configurations
-from kvbench.evaluation.scoring import Row, _kl_and_nll, evaluate, evaluate_sample, summarize  # noqa: F401
+from kvbench.evaluation.scoring import Row, _kl_and_nll, evaluate, evaluate_group, evaluate_sample, groups, summarize  # noqa: F401
 from kvbench.evaluation.session import SampleRun, continuation_logprobs
 from kvbench.methods import label
 
-__all__ = ["FULL", "Row", "SampleRun", "configurations", "continuation_logprobs", "evaluate", "evaluate_sample",
-           "label", "summarize"]
+__all__ = ["FULL", "Row", "SampleRun", "configurations", "continuation_logprobs", "evaluate", "evaluate_group",
+           "evaluate_sample", "groups", "label", "summarize"]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.engine.cache import KVCache
 from kvbench.engine.decode import max_len
+from kvbench.engine.prompts import build_prompt
+from kvbench.evaluation.batch import decode, forced_logits, option_scores
 from kvbench.evaluation.configs import FULL, configurations
+from kvbench.evaluation.grouping import auto_batch_tokens, batches, sample_groups
 from kvbench.evaluation.session import SampleRun
 from kvbench.methods import Method, label
 from kvbench.tasks.base import Sample, Task
@@ -99,116 +101,184 @@ def _alone(run: SampleRun, m: Method, loglik: bool, max_new: int, full_lp: torch
     return out
 
 
-def _together(run: SampleRun, ms: list[Method], caches: list[KVCache], loglik: bool, max_new: int,
-              full_lp: torch.Tensor | None, built_seconds: float) -> list[_Outcome]:
-    """Configurations as rows of one batch, each cache built once and used for both the answer and fidelity.
-    Each row's bytes are those its cache would hold had it been decoded alone (`nbytes_after`). `built_seconds`:
-    the time building the caches took (their compression counts in the rows' seconds, as it does alone)."""
-    t0 = time.perf_counter() - built_seconds
+@dataclass
+class _Item:
+    """One (sample, configuration) row of a batch: its sample's run, its configuration, its cache."""
+
+    run: SampleRun
+    method: Method
+    cache: KVCache
+    built: float  # seconds building the cache took (its compression counts in the row's seconds)
+
+
+def _stack(model, caches: list[KVCache], repeat: list[int] | None = None) -> KVCache:
+    """The caches as rows of one batch, each `repeat` times in a row (its options): one copy, by `KVCache.stack`."""
+    return KVCache.stack(model.config, caches if repeat is None else
+                         [c for c, r in zip(caches, repeat) for _ in range(r)])
+
+
+def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
+              full_lps: dict[int, torch.Tensor]) -> list[_Outcome]:
+    """Rows of one batch (any samples of one task), each cache built once and used for both the answer and
+    fidelity. Each row's bytes are those its cache would hold had it been decoded alone (`nbytes_after`)."""
+    t0 = time.perf_counter() - sum(it.built for it in items)
+    prompts = [it.run.prompt for it in items]
     if loglik:
-        picked, fed = run.choose_rows(caches)
-        results = [(_choice(run.sample, p, sc), fed) for p, sc in picked]
+        options = [it.run.options() for it in items]
+        flat = [o for opts in options for o in opts]
+        stacked = _stack(model, [it.cache for it in items], [len(o) for o in options])
+        scores = option_scores(forced_logits(model, stacked, [p for p, o in zip(prompts, options) for _ in o], flat),
+                               flat)
+        results, at = [], 0
+        for it, opts in zip(items, options):
+            sc = scores[at:at + len(opts)]
+            at += len(opts)
+            results.append((_choice(it.run.sample, max(range(len(sc)), key=sc.__getitem__), sc),
+                            max(len(o) for o in opts)))  # the longest option fed, as `choose` counts it
     else:
-        results = [(_text(run.task, run.sample, text), fed)
-                   for text, fed in run.generate_rows(caches, max_new, run.task.config.stop)]
-    outs = [_Outcome(*judged, c.kept_after_prefill()[0], c.nbytes_after(fed), c.full_nbytes_after(fed))
-            for (judged, fed), c in zip(results, caches)]
-    fid = [i for i, m in enumerate(ms) if m.name != "full"]
-    if full_lp is not None and fid:
+        task = items[0].run.task
+        stacked = _stack(model, [it.cache for it in items])
+        texts = decode(model, tokenizer, stacked, prompts, max_new, task.config.stop, items[0].run.eos)
+        results = [(_text(task, it.run.sample, text), fed) for it, (text, fed) in zip(items, texts)]
+    del stacked
+    outs = [_Outcome(*judged, it.cache.kept_after_prefill()[0], it.cache.nbytes_after(fed),
+                     it.cache.full_nbytes_after(fed)) for (judged, fed), it in zip(results, items)]
+    fid = [k for k, it in enumerate(items) if it.method.name != "full" and id(it.run) in full_lps]
+    if fid:
         # Log-distributions are (rows, L, V) float32: chunk the rows so one pass holds about LOGITS_BYTES.
-        per = max(1, LOGITS_BYTES // max(1, full_lp.numel() * 4))
-        for k in range(0, len(fid), per):
-            chunk = fid[k:k + per]
-            lps = run.logprobs_rows([caches[i] for i in chunk], run.target_ids)
-            for j, i in enumerate(chunk):
-                outs[i].delta_nll, outs[i].kl = _kl_and_nll(full_lp, lps[j], run.target_ids)
-    share = (time.perf_counter() - t0) / len(ms)  # the batch's time, split evenly over its rows
+        L = max(len(items[k].run.target_ids) for k in fid)
+        per = max(1, LOGITS_BYTES // max(1, L * full_lps[id(items[fid[0]].run)].shape[-1] * 4))
+        for s in range(0, len(fid), per):
+            chunk = [items[k] for k in fid[s:s + per]]
+            logits = forced_logits(model, _stack(model, [it.cache for it in chunk]), [it.run.prompt for it in chunk],
+                                   [it.run.target_ids for it in chunk])
+            for k, it, row in zip(fid[s:s + per], chunk, logits):
+                ids = it.run.target_ids
+                outs[k].delta_nll, outs[k].kl = _kl_and_nll(full_lps[id(it.run)],
+                                                            row[:len(ids)].float().log_softmax(-1), ids)
+    share = (time.perf_counter() - t0) / len(items)  # the batch's time, split evenly over its rows
     for o in outs:
         o.seconds = share
     return outs
 
 
 @torch.inference_mode()
+def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, list[Method], str | None]],
+                   chat: bool = False, mc: str = "loglik", max_new_tokens: int | None = None, batch_size: int = 1,
+                   max_batch_tokens: int | None = None) -> list[list[Row]]:
+    """Rows for a few samples evaluated together (a group, see `grouping`): per (sample, its configurations,
+    the full cache's stored answer or None) of `work`, that sample's rows, the full cache first.
+
+    Each sample is prefilled once and its configurations' caches built from that prefill. With `batch_size` > 1
+    the caches that stack (`KVCache.stack`: dense storage; those compressing generated tokens only with the same
+    configuration's) are answered and scored as rows of batches of up to `batch_size` (sample, configuration)
+    pairs (multiple choice: each times its options) within `max_batch_tokens`, rows of several samples
+    together; the others, and all of them at 1, one at a time. Fidelity is measured against the full cache:
+    when `full` is not among a sample's configurations (a resumed run that stored it already), its stored
+    answer is the reference for `agree`.
+    """
+    cfg = task.config
+    loglik = cfg.output == "multiple_choice" and mc == "loglik"
+    max_new = 8 if cfg.output == "multiple_choice" else (max_new_tokens or cfg.max_new_tokens)
+    max_tokens = max_batch_tokens or auto_batch_tokens(model)
+    runs, prefill_seconds, full_lps = [], [], {}
+    for sample, configs, _ in work:
+        t0 = time.perf_counter()
+        run = SampleRun(model, tokenizer, task, sample, configs, chat)
+        prefill_seconds.append(time.perf_counter() - t0)
+        if not loglik:
+            run.check_window(max_new)
+        if run.target_ids and any(m.name != "full" for m in configs):
+            full_lps[id(run)] = run.logprobs(FULL, run.target_ids)[0]
+        runs.append(run)
+    ordered = [sorted(configs, key=lambda c: c.name != "full") for _, configs, _ in work]  # the reference first
+    outcomes: dict[tuple[int, int], _Outcome] = {}
+    if batch_size > 1:
+        # Caches are built once; one that does not stack is dropped at once and rebuilt by `_alone` (compression is
+        # cheap next to decoding). Rows that stack are pooled by `stack_key` across the group's samples.
+        pools: dict[object, list[tuple[tuple[int, int], _Item]]] = {}
+        for i, run in enumerate(runs):
+            for j, m in enumerate(ordered[i]):
+                if not m.shares_prefill:
+                    continue
+                t0 = time.perf_counter()
+                cache = run.cache(m)
+                if cache.why_not_stackable() is None:
+                    item = _Item(run, m, cache, time.perf_counter() - t0)
+                    pools.setdefault(cache.stack_key(), []).append(((i, j), item))
+        for pool in pools.values():
+            rows = [len(it.run.sample.choices) if loglik else 1 for _, it in pool]
+            for b in batches([it.run.prompt.n for _, it in pool], rows, max_new, batch_size, max_tokens):
+                chunk = [pool[k] for k in b]
+                outcomes.update(zip([key for key, _ in chunk],
+                                    _together(model, tokenizer, [it for _, it in chunk], loglik, max_new, full_lps)))
+                for _, it in chunk:
+                    it.cache = None  # done with: free it
+    out = []
+    for i, (run, (sample, _, full_answer)) in enumerate(zip(runs, work)):
+        rows_out = []
+        for j, m in enumerate(ordered[i]):
+            o = outcomes.get((i, j)) or _alone(run, m, loglik, max_new, full_lps.get(id(run)))
+            answer = next(iter(o.extracted.values())) if o.extracted else o.output
+            if m.name == "full":
+                full_answer = answer
+            # The reference agrees with itself; two answers that both fail to parse do not agree.
+            agree = 1.0 if m.name == "full" else float(answer is not None and answer == full_answer)
+            ratio = m.ratio if m.budget is None and m.takes_ratio else None  # none set: kivi's bytes are measured
+            rows_out.append(Row(task.name, sample.id, label(m), m.name, ratio, m.budget, o.score, o.extracted,
+                                o.output, agree, o.delta_nll, o.kl, sum(o.kept) / len(o.kept), run.enc.lengths[0],
+                                o.nbytes, o.full_nbytes, o.seconds, o.extra, run.prompt_hash, prefill_seconds[i]))
+        out.append(rows_out)
+    return out
+
+
+def groups(tokenizer, task: Task, work: Sequence[tuple[Sample, list[Method], str | None]], chat: bool,
+           batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """`work`'s indices grouped for `evaluate_group` (see `grouping.sample_groups`); one each at batch size 1."""
+    if batch_size <= 1:
+        return [[i] for i in range(len(work))]
+    lengths = [len(build_prompt(list(s.parts), tokenizer, chat=chat).input_ids) for s, _, _ in work]
+    return sample_groups(lengths, [len(c) for _, c, _ in work], batch_size, max_batch_tokens)
+
+
+@torch.inference_mode()
 def evaluate_sample(model, tokenizer, task: Task, sample: Sample, configs: list[Method], chat: bool = False,
                     mc: str = "loglik", max_new_tokens: int | None = None,
                     full_answer: str | None = None, batch_size: int = 1) -> list[Row]:
-    """Rows for one sample under `configs`, all built from one prefill.
-
-    Fidelity is measured against the full cache: when `full` is not among `configs` (a resumed
-    run that stored it already), pass its stored headline answer as `full_answer`.
-
-    `batch_size` > 1: the configurations whose caches stack (`SampleRun.stackable`: compression over at the end
-    of prefill, dense storage) are decoded and scored as rows of batches of up to `batch_size` configurations
-    (multiple choice: times the options); the others, and all of them at 1, one at a time.
-    """
-    cfg = task.config
-    t0 = time.perf_counter()
-    run = SampleRun(model, tokenizer, task, sample, configs, chat)
-    prefill_seconds = time.perf_counter() - t0
-    compressed = any(m.name != "full" for m in configs)
-    full_lp = run.logprobs(FULL, run.target_ids)[0] if run.target_ids and compressed else None
-    prompt_hash = hashlib.sha256(str(run.enc.input_ids[0].tolist()).encode()).hexdigest()[:16]
-    ordered = sorted(configs, key=lambda c: c.name != "full")  # the reference first: others compare with it
-    loglik = cfg.output == "multiple_choice" and mc == "loglik"
-    max_new = 8 if cfg.output == "multiple_choice" else (max_new_tokens or cfg.max_new_tokens)
-    outcomes: dict[int, _Outcome] = {}
-    if batch_size > 1:
-        # Caches are built in order and held only until their batch is full (at most `per` at a time); one that
-        # does not stack is dropped at once and rebuilt by `_alone` (compression is cheap next to decoding).
-        per = max(1, batch_size // (len(sample.choices) if loglik else 1))
-        group: dict[int, KVCache] = {}
-        built = 0.0
-        for i, m in enumerate(ordered):
-            t0 = time.perf_counter()
-            cache = run.cache(m) if m.shares_prefill else None
-            if cache is not None and run.stackable(cache):
-                group[i] = cache
-                built += time.perf_counter() - t0
-            if group and (len(group) == per or i == len(ordered) - 1):
-                outs = _together(run, [ordered[j] for j in group], list(group.values()), loglik, max_new, full_lp,
-                                 built)
-                outcomes.update(zip(group, outs))
-                group, built = {}, 0.0
-    rows_out = []
-    for i, m in enumerate(ordered):
-        o = outcomes.get(i) or _alone(run, m, loglik, max_new, full_lp)
-        answer = next(iter(o.extracted.values())) if o.extracted else o.output
-        if m.name == "full":
-            full_answer = answer
-        # The reference agrees with itself; two answers that both fail to parse do not agree.
-        agree = 1.0 if m.name == "full" else float(answer is not None and answer == full_answer)
-        ratio = m.ratio if m.budget is None and m.takes_ratio else None  # none set: kivi's bytes are measured
-        rows_out.append(Row(task.name, sample.id, label(m), m.name, ratio, m.budget, o.score, o.extracted, o.output,
-                            agree, o.delta_nll, o.kl, sum(o.kept) / len(o.kept), run.enc.lengths[0], o.nbytes,
-                            o.full_nbytes, o.seconds, o.extra, prompt_hash, prefill_seconds))
-    return rows_out
+    """Rows for one sample under `configs`, all built from one prefill (see `evaluate_group`)."""
+    return evaluate_group(model, tokenizer, task, [(sample, configs, full_answer)], chat, mc, max_new_tokens,
+                          batch_size)[0]
 
 
 def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int | None = None,
              chat: bool = False, mc: str = "loglik", progress: bool = True,
              on_row: Callable[[Row], None] | None = None, max_new_tokens: int | None = None,
-             batch_size: int = 1) -> list[Row]:
-    """Rows for every (sample, configuration), the full cache first (fidelity is measured against it).
+             batch_size: int = 1, max_batch_tokens: int | None = None) -> list[Row]:
+    """Rows for every (sample, configuration), in sample order, the full cache first (fidelity is measured
+    against it).
 
-    `max_new_tokens` overrides the task's generation length (e.g. for a quick look); `batch_size`: configurations
-    decoded together (see `evaluate_sample`).
+    `max_new_tokens` overrides the task's generation length (e.g. for a quick look); `batch_size`: (sample,
+    configuration) rows decoded together, several samples at once (see `evaluate_group`); `max_batch_tokens`:
+    the cached tokens a batch holds at most (default: `grouping.auto_batch_tokens`).
     """
     from tqdm.auto import tqdm
 
     configs = configurations(methods)
     task.bind(tokenizer, max_len(model))
-    samples = task.samples(limit)
-    rows: list[Row] = []
-    bar = tqdm(total=len(samples) * len(configs), desc=f"{task.name}", unit="run", disable=not progress)
-    for sample in samples:
-        for row in evaluate_sample(model, tokenizer, task, sample, configs, chat, mc, max_new_tokens,
-                                   batch_size=batch_size):
-            rows.append(row)
-            if on_row:
-                on_row(row)
-            bar.update(1)
+    work = [(s, configs, None) for s in task.samples(limit)]
+    max_tokens = max_batch_tokens or auto_batch_tokens(model)
+    done: dict[int, list[Row]] = {}
+    bar = tqdm(total=len(work) * len(configs), desc=f"{task.name}", unit="run", disable=not progress)
+    for group in groups(tokenizer, task, work, chat, batch_size, max_tokens):
+        for i, rows in zip(group, evaluate_group(model, tokenizer, task, [work[i] for i in group], chat, mc,
+                                                 max_new_tokens, batch_size, max_tokens)):
+            done[i] = rows
+            for row in rows:
+                if on_row:
+                    on_row(row)
+            bar.update(len(rows))
     bar.close()
-    return rows
+    return [row for i in range(len(work)) for row in done[i]]
 
 
 def summarize(rows: list[Row]) -> list[dict]:

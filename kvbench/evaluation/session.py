@@ -3,14 +3,17 @@ then each cache asked to choose (multiple choice), generate, or score a target (
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from kvbench.engine.cache import KVCache
-from kvbench.engine.decode import encode, eos_ids, greedy_rows, max_len
+from kvbench.engine.decode import encode, eos_ids, max_len
 from kvbench.engine.prefill import Prefill, prefill
 from kvbench.engine.prompts import build_prompt
 from kvbench.engine.segments import Segment
 from kvbench.errors import KvbenchError
+from kvbench.evaluation.batch import Prompt, decode, forced_logits, option_scores
 from kvbench.methods import Method
 from kvbench.tasks.base import Sample, Task
 
@@ -24,21 +27,8 @@ def continuation_logprobs(model, cache: KVCache, attention_mask: torch.Tensor, l
     prompt); feeding `last` and ids[:-1] makes every prediction, the first included,
     attend to the compressed cache only. It extends the cache: pass a fresh one.
     """
-    n = int(attention_mask.sum())
-    x = torch.tensor([[last, *ids[:-1]]], device=attention_mask.device)
-    mask = torch.cat([attention_mask, attention_mask.new_ones(1, len(ids) - 1)], dim=-1)
-    pos = torch.arange(n - 1, n - 1 + len(ids), device=x.device)[None]
-    if cache.method is None or not cache.method.compresses_decoding:
-        logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits
-        return logits[0].float().log_softmax(-1)
-    # Decoding-phase compression acts between steps, so teacher-force one token per step, as generation does.
-    out = []
-    for i in range(x.shape[1]):
-        logits = model(input_ids=x[:, i:i + 1], attention_mask=mask[:, : n + i], position_ids=pos[:, i:i + 1],
-                       past_key_values=cache, use_cache=True).logits
-        out.append(logits[0, -1].float().log_softmax(-1))
-    return torch.stack(out)
+    prompt = Prompt(int(attention_mask.sum()), last)
+    return forced_logits(model, cache, [prompt], [ids])[0].float().log_softmax(-1)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -62,6 +52,8 @@ class SampleRun:
         self.mask = self.enc.attention_mask.to(model.device)
         n = ids.shape[1]
         self.head, self.last = ids[:, :-1], int(ids[0, -1])
+        self.prompt = Prompt(n, self.last)
+        self.prompt_hash = hashlib.sha256(str(self.enc.input_ids[0].tolist()).encode()).hexdigest()[:16]
         self.segments = [[Segment(s.kind, s.start, min(s.end, n - 1)) for s in row if s.start < n - 1]
                          for row in self.enc.segments]
         window = max([1] + [m.observation_window for m in methods])
@@ -79,134 +71,37 @@ class SampleRun:
 
     def logprobs(self, method: Method, ids: list[int]) -> tuple[torch.Tensor, KVCache]:
         cache = self.cache(method)
-        return continuation_logprobs(self.model, cache, self.mask, self.last, ids), cache
+        return forced_logits(self.model, cache, [self.prompt], [ids])[0].float().log_softmax(-1), cache
+
+    def options(self) -> list[list[int]]:
+        return [_token_ids(self.tok, c) for c in self.sample.choices]
 
     def choose(self, method: Method) -> tuple[int, list[float], KVCache]:
         """Multiple choice by log-likelihood: the option whose continuation is most likely.
 
         The options are scored in one batch: the method's cache is built once and expanded (views,
         no copy) to one row per option, and the options, right-padded to the longest, are
-        teacher-forced together as in `continuation_logprobs` (one token per step when the method
-        compresses generated tokens). Padding comes after an option's last token, so it never
-        changes that option's score. Returns the chosen option's row of the cache (its slots
+        teacher-forced together (`batch.forced_logits`). Padding comes after an option's last token,
+        so it never changes that option's score. Returns the chosen option's row of the cache (its slots
         include the padding of shorter options: bytes count the longest option's continuation).
         """
-        options = [_token_ids(self.tok, c) for c in self.sample.choices]
-        n, L = len(options), max(len(o) for o in options)
-        dev = self.mask.device
+        options = self.options()
         with torch.inference_mode():
             cache = self.cache(method)
-            cache.expand_batch(n)
-            N = int(self.mask.sum())
-            x = torch.tensor([[self.last, *o[:-1]] + [self.last] * (L - len(o)) for o in options], device=dev)
-            mask = torch.cat([self.mask, self.mask.new_ones(1, L - 1)], dim=-1).expand(n, -1)
-            pos = torch.arange(N - 1, N - 1 + L, device=dev)[None].expand(n, -1)
-            if cache.method is None or not cache.method.compresses_decoding:
-                logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                    use_cache=True).logits
-            else:
-                logits = torch.cat([self.model(input_ids=x[:, i:i + 1], attention_mask=mask[:, :N + i],
-                                               position_ids=pos[:, i:i + 1], past_key_values=cache,
-                                               use_cache=True).logits[:, -1:] for i in range(L)], dim=1)
-            targets = torch.tensor([o + [0] * (L - len(o)) for o in options], device=dev)
-            lp = logits.float().log_softmax(-1).gather(2, targets[..., None])[..., 0]  # (n, L)
-            scores = [float(lp[i, :len(o)].sum()) for i, o in enumerate(options)]
-        pred = max(range(n), key=scores.__getitem__)
+            cache.expand_batch(len(options))
+            scores = option_scores(forced_logits(self.model, cache, [self.prompt] * len(options), options), options)
+        pred = max(range(len(options)), key=scores.__getitem__)
         cache.keep_row(pred)
         return pred, scores, cache
 
     def generate(self, method: Method, max_new_tokens: int, stops: tuple[str, ...]) -> tuple[str, KVCache]:
-        self._check_window(max_new_tokens)
+        self.check_window(max_new_tokens)
         cache = self.cache(method)
-        text, _ = self._decode(cache, 1, max_new_tokens, stops)[0]
+        text, _ = decode(self.model, self.tok, cache, [self.prompt], max_new_tokens, stops, self.eos)[0]
         return text, cache
 
-    # --- configurations as rows of one batch ------------------------------------------
-    # `KVCache.stack` makes one-row caches of this prompt (each configuration's) rows of one cache; every
-    # row attends to exactly its own slots, so a row gives what its configuration gives alone (up to float
-    # reductions over a padded batch). Only caches whose compression is over and that hold dense tensors
-    # stack (see `stackable`); the others go through the one-configuration methods above.
-
-    @staticmethod
-    def stackable(cache: KVCache) -> bool:
-        return cache.why_not_stackable() is None
-
-    def _stack(self, caches: list[KVCache], repeat: int = 1) -> KVCache:
-        stacked = KVCache.stack(self.model.config, caches)
-        if repeat > 1:  # each configuration's row `repeat` times in a row (its options)
-            rows = torch.arange(len(caches), device=self.mask.device).repeat_interleave(repeat)
-            stacked.batch_select_indices(rows)
-            stacked.segments = [seg for seg in stacked.segments for _ in range(repeat)]
-        return stacked
-
-    def logprobs_rows(self, caches: list[KVCache], ids: list[int]) -> torch.Tensor:
-        """`logprobs` for several configurations' caches at once: (R, L, V). The caches are not changed."""
-        R, L, dev = len(caches), len(ids), self.mask.device
-        n = int(self.mask.sum())
-        x = torch.tensor([[self.last, *ids[:-1]]], device=dev).expand(R, -1)
-        mask = torch.cat([self.mask, self.mask.new_ones(1, L - 1)], dim=-1).expand(R, -1)
-        pos = torch.arange(n - 1, n - 1 + L, device=dev)[None].expand(R, -1)
-        with torch.inference_mode():
-            logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=self._stack(caches),
-                                use_cache=True).logits
-            return logits.float().log_softmax(-1)
-
-    def choose_rows(self, caches: list[KVCache]) -> tuple[list[tuple[int, list[float]]], int]:
-        """`choose` for several configurations' caches at once: (configurations x options) rows. Returns each
-        configuration's (chosen option, option scores), and the tokens each cache was fed (the longest option),
-        which its bytes count as `choose` counts them. The caches are not changed."""
-        options = [_token_ids(self.tok, c) for c in self.sample.choices]
-        n, L, C, dev = len(options), max(len(o) for o in options), len(caches), self.mask.device
-        N = int(self.mask.sum())
-        x = torch.tensor([[self.last, *o[:-1]] + [self.last] * (L - len(o)) for o in options], device=dev).repeat(C, 1)
-        mask = torch.cat([self.mask, self.mask.new_ones(1, L - 1)], dim=-1).expand(C * n, -1)
-        pos = torch.arange(N - 1, N - 1 + L, device=dev)[None].expand(C * n, -1)
-        targets = torch.tensor([o + [0] * (L - len(o)) for o in options], device=dev).repeat(C, 1)
-        with torch.inference_mode():
-            logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos,
-                                past_key_values=self._stack(caches, repeat=n), use_cache=True).logits
-            lp = logits.float().log_softmax(-1).gather(2, targets[..., None])[..., 0]  # (C * n, L)
-        out = []
-        for c in range(C):
-            scores = [float(lp[c * n + i, :len(o)].sum()) for i, o in enumerate(options)]
-            out.append((max(range(n), key=scores.__getitem__), scores))
-        return out, L
-
-    def generate_rows(self, caches: list[KVCache], max_new_tokens: int,
-                      stops: tuple[str, ...]) -> list[tuple[str, int]]:
-        """`generate` for several configurations' caches at once, each row stopping at its own stop string or
-        end of sequence. Returns each configuration's text and the tokens its cache was fed (what its bytes
-        count, as `generate` counts them). The caches are not changed."""
-        self._check_window(max_new_tokens)
-        return self._decode(self._stack(caches), len(caches), max_new_tokens, stops)
-
-    def _check_window(self, max_new_tokens: int) -> None:
-        n, window = int(self.mask.sum()), max_len(self.model)
+    def check_window(self, max_new_tokens: int) -> None:
+        n, window = self.prompt.n, max_len(self.model)
         if window is not None and n + max_new_tokens > window:
             raise KvbenchError(f"sample {self.sample.id}: {n} prompt tokens + {max_new_tokens} new ones exceed the "
                                f"model's {window}-token window; lower max_new_tokens or shorten the prompt")
-
-    def _decode(self, cache: KVCache, R: int, max_new_tokens: int,
-                stops: tuple[str, ...]) -> list[tuple[str, int]]:
-        """Feed the prompt's last token through `cache` (R rows), then decode greedily: per row, the text (cut at
-        end of sequence and at the first stop string) and how many tokens entered the cache."""
-        n, dev = int(self.mask.sum()), self.mask.device
-        mask = self.mask.expand(R, -1)
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.full((R, 1), self.last, device=dev), attention_mask=mask,
-                                position_ids=torch.full((R, 1), n - 1, device=dev), past_key_values=cache,
-                                use_cache=True).logits[:, -1].float()
-
-            def stop(ids: list[int]) -> bool:
-                return bool(stops) and any(s in self.tok.decode(ids, skip_special_tokens=True) for s in stops)
-
-            toks, lengths = greedy_rows(self.model, cache, logits, mask, max_new_tokens, self.eos, stop)
-        out = []
-        for row, k in zip(toks.tolist(), lengths):
-            new = row[:k]
-            cut = next((i for i, t in enumerate(new) if t in self.eos), len(new))
-            text = self.tok.decode(new[:cut], skip_special_tokens=True)
-            for s in stops:
-                text = text.split(s)[0]
-            out.append((text, k))  # the last token plus every new one but the last entered the cache
-        return out

@@ -11,7 +11,8 @@ dtype: float32
 device: cpu
 chat: false        # render prompts with the model's chat template (per task too)
 mc: loglik         # multiple choice by option log-likelihood, or "letter"
-batch_size: 16     # configurations of a sample decoded together (1: one at a time, the reference path)
+batch_size: 16     # (sample, configuration) rows decoded together (1: one at a time, the reference path)
+max_batch_tokens: 40000   # cached tokens a batch holds at most (default: from memory, see evaluation/grouping)
 ```
 
 Everything is checked here, before any work: each problem is one line naming it and the
@@ -34,11 +35,11 @@ from kvbench import shipped
 from kvbench.errors import KvbenchError
 
 TOP_KEYS = ("name", "models", "methods", "ratios", "budgets", "tasks", "limit", "seed", "dtype",
-            "device", "chat", "mc", "max_new_tokens", "executor", "address", "batch_size")
+            "device", "chat", "mc", "max_new_tokens", "executor", "address", "batch_size", "max_batch_tokens")
 TASK_KEYS = ("name", "settings", "limit", "max_new_tokens", "chat")
 METHOD_KEYS = ("name", "settings", "ratios", "budgets")
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_BATCH_SIZE = 16  # the quick config's 12 configurations in one batch (docs/pipeline.md: "Batches")
+DEFAULT_BATCH_SIZE = 16  # (sample, configuration) rows of one batch (docs/pipeline.md: "Batches")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class Experiment:
     executor: str = "local"
     address: str | None = None
     name: str = "experiment"
-    batch_size: int = DEFAULT_BATCH_SIZE  # configurations of a sample decoded together; results do not depend on it
+    batch_size: int = DEFAULT_BATCH_SIZE  # (sample, configuration) rows decoded together; results do not depend on it
+    max_batch_tokens: int | None = None  # cached tokens one batch holds at most; None: from memory (grouping.py)
 
     def method_objects(self) -> list:
         """Every configuration to run besides `full`: each method at each of its ratios / budgets (once, for a
@@ -228,7 +230,8 @@ def parse(data, where: str = "config") -> Experiment:
                       dtype, device, chat, mc,
                       _whole(where, "max_new_tokens", data.get("max_new_tokens"), none_ok=True), executor,
                       data.get("address"), str(data.get("name", "experiment")),
-                      _whole(where, "batch_size", data.get("batch_size", DEFAULT_BATCH_SIZE)))
+                      _whole(where, "batch_size", data.get("batch_size", DEFAULT_BATCH_SIZE)),
+                      _whole(where, "max_batch_tokens", data.get("max_batch_tokens"), none_ok=True))
 
 
 def overridden(data: dict, models: list[str] | None = None, methods: list[str] | None = None,

@@ -11,7 +11,8 @@ from dataclasses import asdict
 
 from kvbench import faults
 from kvbench.errors import KvbenchError, is_disk_failure
-from kvbench.evaluation import FULL, configurations, evaluate_sample
+from kvbench.evaluation import FULL, configurations, evaluate_group, groups
+from kvbench.evaluation.grouping import auto_batch_tokens
 from kvbench.jobs.config import Experiment, TaskSpec
 from kvbench.jobs.plan import Job, bound_tasks, limit
 from kvbench.methods import label
@@ -71,27 +72,49 @@ class Worker:
         chat = self.exp.chat if spec.chat is None else spec.chat
         max_new = spec.max_new_tokens or self.exp.max_new_tokens
         by_id = {s.id: s for s in task.samples(limit(self.exp, spec))}
+        work = [(by_id[sid], [c for c in configs if label(c) not in done.get(sid, set())], full_answers.get(sid))
+                for sid in job.samples]
+        work = [w for w in work if w[1]]
+        max_tokens = self.exp.max_batch_tokens or auto_batch_tokens(self.model)
         out, failed = [], []
-        for sid in job.samples:
-            todo = [c for c in configs if label(c) not in done.get(sid, set())]
+
+        def evaluate(part: list) -> list[list]:
+            for sample, _, _ in part:
+                faults.hit("sample", sample.id)
+            return evaluate_group(self.model, self.tok, task, part, chat, self.exp.mc, max_new, self.exp.batch_size,
+                                  max_tokens)
+
+        for group in groups(self.tok, task, work, chat, self.exp.batch_size, max_tokens):
+            part = [work[i] for i in group]
             try:
-                faults.hit("sample", sid)
-                rows = [] if not todo else evaluate_sample(self.model, self.tok, task, by_id[sid], todo, chat,
-                                                           self.exp.mc, max_new, full_answers.get(sid),
-                                                           batch_size=self.exp.batch_size)
+                results = list(zip(part, evaluate(part)))
             except Exception as e:  # noqa: BLE001 (one sample's error must not end the run; fatal ones re-raised)
                 if fatal(e):
                     raise
                 _free_memory(e)
-                f = failure(self.model_name, spec, sid, [label(c) for c in todo], **describe_failure(e))
-                failed.append(f)
-                if on_failure:
-                    on_failure(f)
-                continue
-            recs = [record(self.model_name, spec, task, r, self.settings[r.config]) for r in rows]
-            out += recs
-            if on_sample:
-                on_sample(recs)
+                if len(part) == 1:
+                    results = [(part[0], e)]
+                else:  # find the sample(s) at fault: each of the group on its own
+                    results = []
+                    for w in part:
+                        try:
+                            results.append((w, evaluate([w])[0]))
+                        except Exception as e1:  # noqa: BLE001 (as above)
+                            if fatal(e1):
+                                raise
+                            _free_memory(e1)
+                            results.append((w, e1))
+            for (sample, todo, _), rows in results:
+                if isinstance(rows, Exception):
+                    f = failure(self.model_name, spec, sample.id, [label(c) for c in todo], **describe_failure(rows))
+                    failed.append(f)
+                    if on_failure:
+                        on_failure(f)
+                    continue
+                recs = [record(self.model_name, spec, task, r, self.settings[r.config]) for r in rows]
+                out += recs
+                if on_sample:
+                    on_sample(recs)
         return out, failed
 
 
