@@ -42,6 +42,10 @@ COLUMNS = (
     ("prompt_tokens", "INTEGER"), ("cache_bytes", "INTEGER"), ("full_cache_bytes", "INTEGER"),
     ("prefill_seconds", "REAL"), ("seconds", "REAL"), ("extra", "JSON"), ("created", "REAL"),
 )
+# Added later: a file written before them gains them (NULL in its old rows) when opened.
+ADDED = (("top1", "REAL"), ("kl_p99", "REAL"), ("kl_max", "REAL"), ("follow", "INTEGER"))
+ORIGINAL = tuple(c for c, _ in COLUMNS)
+COLUMNS = COLUMNS + ADDED
 NAMES = tuple(c for c, _ in COLUMNS)
 JSON_COLUMNS = {c for c, t in COLUMNS if t == "JSON"}
 
@@ -107,10 +111,10 @@ class Store:
                     raise self._error(e, wait) from None
             time.sleep(pause)  # another process is creating or switching it to WAL: it takes milliseconds
             pause = min(0.5, pause * 2)
-        if not set(NAMES) <= have:
+        if not set(ORIGINAL) <= have:
             self.db.close()
             raise KvbenchError(f"{self.path} was written by another kvbench version (missing columns "
-                               f"{', '.join(sorted(set(NAMES) - have))}); choose another --out")
+                               f"{', '.join(sorted(set(ORIGINAL) - have))}); choose another --out")
 
     def _set_up(self) -> set[str]:
         """Schema and WAL mode; idempotent, so a retry after "locked" is safe. Returns the results columns."""
@@ -119,8 +123,15 @@ class Store:
         cols = ", ".join(f"{c} {t.replace('JSON', 'TEXT')}" for c, t in COLUMNS)
         self.db.execute(f"CREATE TABLE IF NOT EXISTS results ({cols})")
         have = {r[1] for r in self.db.execute("PRAGMA table_info(results)")}
-        if not set(NAMES) <= have:
+        if not set(ORIGINAL) <= have:
             return have  # another version's file: told as such, not changed
+        for c, t in ADDED:
+            if c not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE results ADD COLUMN {c} {t}")
+                except sqlite3.OperationalError as e:  # another process added it a moment ago
+                    if "duplicate column" not in str(e):
+                        raise
         self.db.execute("CREATE INDEX IF NOT EXISTS by_sample ON results (model, task_key, sample)")
         self.db.execute(f"CREATE TABLE IF NOT EXISTS failures ({FAILURE_COLUMNS[0]} TEXT PRIMARY KEY, "
                         f"{', '.join(FAILURE_COLUMNS[1:])})")

@@ -117,10 +117,17 @@ def test_batched_rows_equal_one_at_a_time(arch, task_cls, words, monkeypatch):
         assert (b.kept_tokens, b.cache_bytes, b.full_cache_bytes) == (a.kept_tokens, a.cache_bytes,
                                                                       a.full_cache_bytes), a.config
         assert b.kl == pytest.approx(a.kl, abs=1e-4) and b.delta_nll == pytest.approx(a.delta_nll, abs=1e-4)
+        assert (b.top1, b.follow) == (a.top1, a.follow), a.config
+        assert (b.kl_p99, b.kl_max) == pytest.approx((a.kl_p99, a.kl_max), abs=1e-4)
         assert b.extra == pytest.approx(a.extra, abs=1e-4) if "option_loglik" not in a.extra else \
             b.extra["option_loglik"] == pytest.approx(a.extra["option_loglik"], abs=1e-4)
+    for r in reference:  # the full cache against itself; `follow` for generation only
+        if r.config == "full":
+            assert (r.top1, r.kl_p99, r.kl_max) == (1.0, 0.0, 0.0)
+        assert (r.follow is None) == (task_cls is WordsMC) and 0 <= (r.kl_p99 or 0) <= (r.kl_max or 0)
     if task_cls is WordsGen and arch == "llama":  # (seeded) rows of one batch ended at different steps
         assert len({len(r.output) for r in reference}) > 2
+        assert {r.follow for r in reference if r.config != "full"} != {max(r.follow for r in reference)}
         # and the decoding budgets did evict: bytes below the same method's without one
         by = {(r.sample, r.config): r.cache_bytes for r in reference}
         budget = label(SAME_CONFIG[1])

@@ -162,10 +162,11 @@ def test_kl_is_full_to_compressed_and_delta_nll_is_compressed_minus_full():
     ΔNLL = -ln 0.9 - (-ln 0.5) = -0.5878 (the compressed model is *more* sure of the gold token here)."""
     import math
 
-    from kvbench.evaluation import _kl_and_nll
+    from kvbench.evaluation.fidelity import along_target
 
     full = torch.tensor([[0.5, 0.5]]).log()
     comp = torch.tensor([[0.9, 0.1]]).log()
-    delta_nll, kl = _kl_and_nll(full, comp, [0])
+    f = along_target(full, comp, [0])
+    delta_nll, kl = f.delta_nll, f.kl
     assert kl == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), abs=1e-6)
     assert delta_nll == pytest.approx(-math.log(0.9) + math.log(0.5), abs=1e-6)

@@ -11,10 +11,14 @@ the full cache included ("prefill once, compress many"). Then, against each cach
   sample): `agree` (same extracted answer as the full cache), `delta_nll` (increase of
   the gold target's teacher-forced NLL, per token) and `kl` (mean KL(full || compressed)
   of the next-token distributions along the gold target). All three are 0 at ratio 1.0.
+  Beyond the means (`fidelity.py`, llama.cpp's KL-divergence report): `top1` (the share of
+  gold-target positions where both caches' most likely token agree), `kl_p99` and `kl_max`
+  (the worst positions), and for generation `follow` (tokens the output follows the full
+  cache's output before diverging).
 """
 
 from kvbench.evaluation.configs import FULL, configurations
-from kvbench.evaluation.scoring import Row, _kl_and_nll, evaluate, evaluate_group, evaluate_sample, groups, summarize  # noqa: F401
+from kvbench.evaluation.scoring import Row, evaluate, evaluate_group, evaluate_sample, groups, summarize
 from kvbench.evaluation.session import SampleRun, continuation_logprobs
 from kvbench.methods import label
 

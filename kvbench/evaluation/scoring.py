@@ -14,6 +14,7 @@ from kvbench.engine.decode import max_len
 from kvbench.engine.prompts import build_prompt
 from kvbench.evaluation.batch import decode, forced_logits, option_scores
 from kvbench.evaluation.configs import FULL, configurations
+from kvbench.evaluation.fidelity import NONE, Fidelity, along_target, followed
 from kvbench.evaluation.grouping import auto_batch_tokens, batches, sample_groups
 from kvbench.evaluation.session import SampleRun
 from kvbench.methods import Method, label
@@ -44,14 +45,12 @@ class Row:
     extra: dict = field(default_factory=dict)
     prompt_hash: str = ""
     prefill_seconds: float = 0.0  # the sample's shared prefill, paid once for all its configurations
-
-
-def _kl_and_nll(full: torch.Tensor, comp: torch.Tensor, ids: list[int]) -> tuple[float, float]:
-    idx = torch.tensor(ids, device=full.device)[:, None]
-    nll_full = -full.gather(1, idx).mean()
-    nll_comp = -comp.gather(1, idx).mean()
-    kl = (full.exp() * (full - comp)).sum(-1).mean()
-    return float(nll_comp - nll_full), max(0.0, float(kl))
+    # Fidelity beyond the mean (see fidelity.py); None where not measured (no gold target; `follow`: multiple
+    # choice by log-likelihood, or a resumed run whose full-cache output is not at hand).
+    top1: float | None = None  # share of gold-target positions whose most likely token is the full cache's
+    kl_p99: float | None = None  # 99th percentile of KL(full || compressed) over those positions
+    kl_max: float | None = None
+    follow: int | None = None  # tokens the output follows the full cache's output before diverging
 
 
 LOGITS_BYTES = 1 << 30  # the batched fidelity pass's log-distributions, at most (about) this many bytes at once
@@ -69,8 +68,7 @@ class _Outcome:
     nbytes: int
     full_nbytes: int
     seconds: float = 0.0
-    delta_nll: float = 0.0
-    kl: float = 0.0
+    fid: Fidelity | None = None  # along the gold target; None: not measured
 
 
 def _choice(sample: Sample, pred: int, scores: list[float]) -> tuple[str, float, dict, dict]:
@@ -96,7 +94,7 @@ def _alone(run: SampleRun, m: Method, loglik: bool, max_new: int, full_lp: torch
         judged = _text(run.task, run.sample, output)
     out = _Outcome(*judged, cache.kept_after_prefill()[0], cache.nbytes(), cache.full_nbytes())
     if full_lp is not None and m.name != "full":
-        out.delta_nll, out.kl = _kl_and_nll(full_lp, run.logprobs(m, run.target_ids)[0], run.target_ids)
+        out.fid = along_target(full_lp, run.logprobs(m, run.target_ids)[0], run.target_ids)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -154,8 +152,7 @@ def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
                                    [it.run.target_ids for it in chunk])
             for k, it, row in zip(fid[s:s + per], chunk, logits):
                 ids = it.run.target_ids
-                outs[k].delta_nll, outs[k].kl = _kl_and_nll(full_lps[id(it.run)],
-                                                            row[:len(ids)].float().log_softmax(-1), ids)
+                outs[k].fid = along_target(full_lps[id(it.run)], row[:len(ids)].float().log_softmax(-1), ids)
     share = (time.perf_counter() - t0) / len(items)  # the batch's time, split evenly over its rows
     for o in outs:
         o.seconds = share
@@ -216,18 +213,23 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
                     it.cache = None  # done with: free it
     out = []
     for i, (run, (sample, _, full_answer)) in enumerate(zip(runs, work)):
-        rows_out = []
+        rows_out, full_output = [], None
         for j, m in enumerate(ordered[i]):
             o = outcomes.get((i, j)) or _alone(run, m, loglik, max_new, full_lps.get(id(run)))
             answer = next(iter(o.extracted.values())) if o.extracted else o.output
+            fid = o.fid
             if m.name == "full":
-                full_answer = answer
+                full_answer, full_output = answer, o.output
+                fid = NONE if id(run) in full_lps else None
             # The reference agrees with itself; two answers that both fail to parse do not agree.
             agree = 1.0 if m.name == "full" else float(answer is not None and answer == full_answer)
+            follow = None if loglik or full_output is None else followed(tokenizer, o.output, full_output)
             ratio = m.ratio if m.budget is None and m.takes_ratio else None  # none set: kivi's bytes are measured
             rows_out.append(Row(task.name, sample.id, label(m), m.name, ratio, m.budget, o.score, o.extracted,
-                                o.output, agree, o.delta_nll, o.kl, sum(o.kept) / len(o.kept), run.enc.lengths[0],
-                                o.nbytes, o.full_nbytes, o.seconds, o.extra, run.prompt_hash, prefill_seconds[i]))
+                                o.output, agree, fid.delta_nll if fid else 0.0, fid.kl if fid else 0.0,
+                                sum(o.kept) / len(o.kept), run.enc.lengths[0], o.nbytes, o.full_nbytes, o.seconds,
+                                o.extra, run.prompt_hash, prefill_seconds[i], *(
+                                    (fid.top1, fid.kl_p99, fid.kl_max) if fid else (None, None, None)), follow))
         out.append(rows_out)
     return out
 
@@ -299,7 +301,14 @@ def summarize(rows: list[Row]) -> list[dict]:
             "agree": sum(r.agree for r in rs) / n,
             "delta_nll": sum(r.delta_nll for r in rs) / n,
             "kl": sum(r.kl for r in rs) / n,
+            **{k: _mean([getattr(r, k) for r in rs]) for k in ("top1", "kl_p99", "follow")},
             "kept_fraction": sum(r.kept_tokens / max(1, r.prompt_tokens - 1) for r in rs) / n,
             "cache_fraction": sum(r.cache_bytes / max(1, r.full_cache_bytes) for r in rs) / n,
         })
     return out
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the measured values (None: not measured); None when none was."""
+    got = [v for v in values if v is not None]
+    return sum(got) / len(got) if got else None

@@ -8,11 +8,13 @@ import json
 import math
 from pathlib import Path
 
+from kvbench.report.glance import glance, verdict
 from kvbench.report.summary import SUMMARY_FIELDS, exported, pareto
 
 ROW_FIELDS = ("model", "task", "task_key", "ability", "metric", "sample", "prompt_hash", "config", "method",
               "ratio", "budget", "settings", "score", "extracted", "output", "agree", "delta_nll", "kl",
-              "kept_tokens", "prompt_tokens", "cache_bytes", "full_cache_bytes", "seconds", "extra")
+              "kl_p99", "kl_max", "top1", "follow", "kept_tokens", "prompt_tokens", "cache_bytes", "full_cache_bytes",
+              "seconds", "extra")
 FAILURE_FIELDS = ("model", "task", "task_key", "sample", "configs", "error")
 
 
@@ -44,6 +46,9 @@ def write_exports(run_dir: Path, rows: list[dict], summary: list[dict], efficien
     write_csv(run_dir / "summary.csv", list(SUMMARY_FIELDS), summary)
     doc = {"statistics": {"ci": 0.95, "interval": "percentile bootstrap", "n_boot": n_boot, "seed": seed,
                           "dp": "(P_c - P_full) / P_full, paired; 'absolute' when P_full = 0; null = unbounded"},
+           "at_a_glance": [{**{k: v for k, v in g.items() if k != "configs"},
+                            "configs": [{"config": s["config"], "accuracy": verdict(s)} for s in g["configs"]]}
+                           for g in glance(summary)],
            "summary": [exported(s) for s in summary],
            "pareto": [{"model": m, "ability": a, "points": pts} for (m, a), pts in sorted(pareto(summary).items())],
            "efficiency": efficiency, "failures": [{k: f.get(k) for k in FAILURE_FIELDS} for f in failures or []]}

@@ -111,14 +111,22 @@ def _plot_heatmaps(plots: Plots, summary: list[dict]) -> None:
                 if here:
                     grid[i, j] = np.mean([s["dp"] for s in here])
                     marks[i, j] = "\nn.s." if not any(s["dp_significant"] for s in here) else ""
-        vmax = max(float(np.nanmax(np.abs(grid))), 0.01)
+        # Only significant cells are coloured: a colour for an n.s. ΔP would claim what the data do not support.
+        shown = grid.copy()
+        for (i, j), ns in marks.items():
+            if ns:
+                shown[i, j] = np.nan
+        vmax = max(float(np.nanmax(np.abs(shown))) if not np.isnan(shown).all() else 0.0, 0.01)
         for (i, j), ns in marks.items():
             ax.text(j, i, f"{100 * grid[i, j]:+.0f}%{ns}", ha="center", va="center", fontsize=8,
-                    color="white" if abs(grid[i, j]) > 0.6 * vmax else "black")
-        im = ax.imshow(grid, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+                    color="#888" if ns else ("white" if abs(grid[i, j]) > 0.6 * vmax else "black"))
+        from matplotlib import colormaps
+
+        cmap = colormaps["RdBu"].with_extremes(bad="#f0f0f0")
+        im = ax.imshow(shown, cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(abilities)), abilities, rotation=20, ha="right")
         ax.set_yticks(range(len(series)), series)
-        ax.set_title(f"ΔP vs full cache at ratio {ratio:g} (mean over an ability's tasks)")
+        ax.set_title(f"ΔP vs full cache at ratio {ratio:g} (mean over an ability's tasks; grey: n.s.)")
         fig.colorbar(im, ax=ax, label="ΔP")
         plots.add(fig, f"dp-heatmap-r{ratio:g}", f"ΔP heatmap, ratio {ratio:g}")
 

@@ -21,6 +21,13 @@ Why these statistics:
   configuration the same way, and those not significantly different from it are marked `≈best`
   (`kvbench.report.summary`). These are per-comparison 95% intervals, not corrected for multiple
   comparisons.
+- **Detectable effect** (`detectable`): the smallest ΔP a paired two-sided test at 5% would find
+  with 80% power at the run's n and the observed spread of the paired differences,
+  (z_0.975 + z_0.80) * sd(d) / sqrt(n), relative to P_full (absolute when P_full is 0), and the
+  samples a 5% relative drop would need at that spread. A "n.s." with a detectable effect of 90%
+  means "too few samples", not "no loss". When no sample differs (sd 0), the spread of one sample
+  differing by a whole point (sd = 1/sqrt(n)) is used: a run where nothing moved cannot claim to
+  detect arbitrarily small effects.
 - Every bootstrap is seeded from `seed` and the names it concerns (model, task, configurations),
   so a report is reproducible and does not depend on the order of the rows.
 
@@ -29,11 +36,14 @@ A configuration's scores are passed as {sample id: row}, rows holding at least "
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
 
 Paired = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Z_POWER = 1.959964 + 0.841621  # z(0.975) + z(0.80): a two-sided 5% test with 80% power
+TARGET_DROP = 0.05  # the relative drop `detectable` sizes a run for
 
 
 def seeded(seed: int, *names: str) -> np.random.Generator:
@@ -90,3 +100,27 @@ def same_as(a: dict, b: dict, rng: np.random.Generator, n_boot: int) -> bool | N
         return None
     lo, hi = interval(pair[2] - pair[3])
     return bool(lo <= 0 <= hi)
+
+
+def detectable(comp: dict, full: dict) -> dict:
+    """The smallest ΔP detectable (80% power, paired, two-sided 5%) on the common samples of `comp` and `full`,
+    in ΔP's own terms (relative to P_full; absolute when P_full is 0), and the samples a 5% relative drop needs
+    at the observed spread (None when P_full is 0). Both None with fewer than two pairs."""
+    common = sorted(set(comp) & set(full))
+    n = len(common)
+    if n < 2:
+        return {"mde": None, "n_needed": None}
+    x = np.array([comp[s]["score"] for s in common], float)
+    y = np.array([full[s]["score"] for s in common], float)
+    sd = max(float((x - y).std(ddof=1)), 1 / math.sqrt(n))  # nothing moved: one sample off by a whole point
+    base = float(y.mean())
+    mde = Z_POWER * sd / math.sqrt(n)
+    if base <= 0:
+        return {"mde": mde, "n_needed": None}
+    return {"mde": mde / base, "n_needed": math.ceil(round((Z_POWER * sd / (TARGET_DROP * base)) ** 2, 9))}
+
+
+def mean_interval(values: list[float], rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
+    """The bootstrap interval of a mean over samples (`values` in sample-id order)."""
+    v = np.array(values, float)
+    return interval(v[resample(len(v), rng, n_boot)].mean(1))

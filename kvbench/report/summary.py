@@ -16,13 +16,16 @@ from collections.abc import Callable
 import numpy as np
 
 from kvbench.errors import KvbenchError
-from kvbench.report.stats import delta_p, interval, resample, same_as, seeded
+from kvbench.report.stats import delta_p, detectable, interval, mean_interval, resample, same_as, seeded
 
 REQUIRED = ("model", "task_key", "config", "method", "sample", "score")
 SUMMARY_FIELDS = ("model", "task", "task_key", "ability", "metric", "config", "method", "ratio", "budget", "n",
                   "score", "score_lo", "score_hi", "n_paired", "dp", "dp_lo", "dp_hi", "dp_kind", "dp_significant",
-                  "group", "best", "same_as_best", "agree", "delta_nll", "kl", "kept_fraction", "cache_fraction",
-                  "cache_bytes", "bytes_saved", "seconds", "n_failed")
+                  "mde", "n_needed", "group", "best", "same_as_best", "agree", "agree_lo", "agree_hi", "delta_nll",
+                  "kl", "kl_lo", "kl_hi", "kl_p99", "kl_max", "top1", "top1_lo", "top1_hi", "follow",
+                  "kept_fraction", "cache_fraction", "cache_bytes", "bytes_saved", "seconds", "n_failed")
+# Fidelity means given a bootstrap interval (`<name>_lo`, `<name>_hi`), as the score is.
+FIDELITY_INTERVALS = ("agree", "kl", "top1")
 # Carried by a record for the plots only, not exported: summary.csv and summary.json keep SUMMARY_FIELDS' shape.
 INTERNAL_FIELDS = ("series",)
 # What sets a configuration's place on the x axis (or its budget group), never its series; "name" is the method.
@@ -151,7 +154,9 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0, failures: lis
                "score": float(scores.mean()), "score_lo": lo, "score_hi": hi,
                "n_paired": None, "dp": None, "dp_lo": None, "dp_hi": None, "dp_kind": None, "dp_significant": None,
                "group": None, "best": None, "same_as_best": None,
-               **{k: _mean(rs, lambda r, k=k: r.get(k)) for k in ("agree", "delta_nll", "kl")},
+               "mde": None, "n_needed": None,
+               **{k: _mean(rs, lambda r, k=k: r.get(k)) for k in ("agree", "delta_nll", "kl", "kl_p99", "kl_max",
+                                                                    "top1", "follow")},
                "kept_fraction": _mean(rs, lambda r: _frac(r.get("kept_tokens"), r.get("prompt_tokens"))),
                "cache_fraction": _mean(rs, lambda r: _frac(r.get("cache_bytes"), r.get("full_cache_bytes"))),
                "cache_bytes": _mean(rs, lambda r: r.get("cache_bytes")),
@@ -159,9 +164,14 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0, failures: lis
                                     is None else r["full_cache_bytes"] - r["cache_bytes"]),
                "seconds": _mean(rs, lambda r: r.get("seconds")), "n_failed": failed.get((model, task_key, config), 0),
                "series": series[config]}
+        for k in FIDELITY_INTERVALS:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            rec[f"{k}_lo"], rec[f"{k}_hi"] = mean_interval(vals, seeded(seed, model, task_key, config, k), n_boot) \
+                if vals else (math.nan, math.nan)
         full = full_of.get((model, task_key))
         if full is not None and r0["method"] != "full":
             rec.update(delta_p(by_sample, full, seeded(seed, model, task_key, config, "full"), n_boot))
+            rec.update(detectable(by_sample, full))
         if rec["ratio"] is not None:
             rec["group"] = f"ratio={rec['ratio']:g}"
         else:  # a budget, or storage alone (kivi, minicache): compared among themselves
@@ -209,14 +219,18 @@ def pareto(summary: list[dict]) -> dict[tuple[str, str], list[dict]]:
             points[(s["model"], s["ability"])][s["config"]].append((1.0, 0.0))
         elif s["dp_kind"] == "relative" and not math.isnan(s["cache_fraction"]):
             points[(s["model"], s["ability"])][s["config"]].append((1.0 + s["dp"], 1.0 - s["cache_fraction"]))
-    fronts = {}
-    for key, by_config in points.items():
-        cand = [{"config": c, "retained": float(np.mean([p[0] for p in ps])),
-                 "saved": float(np.mean([p[1] for p in ps])), "frontier": False} for c, ps in by_config.items()]
-        cand.sort(key=lambda p: (-p["saved"], -p["retained"]))
-        top = -math.inf
-        for p in cand:
-            if p["retained"] > top:
-                p["frontier"], top = True, p["retained"]
-        fronts[key] = sorted(cand, key=lambda p: p["saved"])
-    return fronts
+    # An ability where only full has a point (its full cache scores 0: no relative ΔP) has no frontier to show.
+    return {key: frontier([{"config": c, "retained": float(np.mean([p[0] for p in ps])),
+                            "saved": float(np.mean([p[1] for p in ps]))} for c, ps in by_config.items()])
+            for key, by_config in points.items() if set(by_config) != {"full"}}
+
+
+def frontier(points: list[dict]) -> list[dict]:
+    """`points` ({config, retained, saved}) by bytes saved, each marked `frontier` when no point saves at least as
+    much and retains more."""
+    cand = sorted(({**p, "frontier": False} for p in points), key=lambda p: (-p["saved"], -p["retained"]))
+    top = -math.inf
+    for p in cand:
+        if p["retained"] > top:
+            p["frontier"], top = True, p["retained"]
+    return sorted(cand, key=lambda p: p["saved"])

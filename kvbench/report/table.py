@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import textwrap
 
+from kvbench.report.glance import flag, glance, verdict
 from kvbench.report.summary import pareto
-from kvbench.report.text import cell, dp_text, front, marks
+from kvbench.report.text import cell, detectable_text, dp_text, front, marks, num
 
 
 def failure_lines(failures: list[dict] | None) -> list[str]:
@@ -25,9 +26,11 @@ def table(summary: list[dict], efficiency: list[dict] | None = None, failures: l
     if not summary:
         return "\n".join(["no results", *failure_lines(failures)])
     w = min(max(6, *(len(s["config"]) for s in summary)), 28)
+    lines = glance_lines(summary, w)
     head = (f"{'config':<{w}} {'n':>4}  {'score':>5} {'95% CI':<13} {'ΔP':>9} {'95% CI (paired)':<16} {'':<4} "
-            f"{'':<5} {'kept':>5} {'cache':>5} {'agree':>5} {'KL':>6}")
-    lines, current = [], None
+            f"{'':<5} {'kept':>5} {'cache':>5} {'agree':>5} {'top1':>5} {'KL':>6} {'KLp99':>6} {'detect':>7}")
+    lines += ["", "Every configuration:"]
+    current = None
     for s in summary:
         if (s["model"], s["task_key"]) != current:
             current = (s["model"], s["task_key"])
@@ -39,12 +42,16 @@ def table(summary: list[dict], efficiency: list[dict] | None = None, failures: l
         ci = f"[{s['score_lo']:.2f}, {s['score_hi']:.2f}]"
         lines.append(f"{s['config'][:w]:<{w}} {s['n']:>4}  {s['score']:5.3f} {ci:<13} {dp:>9} {dp_ci:<16} {vs_full:<4} "
                      f"{vs_best:<5} {100 * s['kept_fraction']:>4.0f}% {100 * s['cache_fraction']:>4.0f}% "
-                     f"{s['agree']:5.2f} {s['kl']:6.3f}")
+                     f"{s['agree']:5.2f} {num(s.get('top1'), '5.2f'):>5} {s['kl']:6.3f} "
+                     f"{num(s.get('kl_p99'), '6.3f'):>6} {detectable_text(s)[0]:>7}")
     lines += ["", "score: mean, 95% bootstrap CI over samples. ΔP = (P_c - P_full) / P_full, paired bootstrap 95% CI",
               "on the samples both have; abs = absolute difference (full scored 0). n.s. = ΔP not significant.",
               "best / ≈best = best score at this ratio / not significantly below it (storage: among methods that",
               "take no ratio). kept = prompt tokens kept / prompt; cache = bytes held / full, measured: quantized,",
-              "low-rank and merged caches keep every token in fewer bytes."]
+              "low-rank and merged caches keep every token in fewer bytes. agree = same answer as full; top1 = share",
+              "of gold-answer positions where the most likely token is full's; KL = mean KL(full || config) along",
+              "the gold answer, KLp99 its 99th percentile. detect = smallest ΔP this n could detect (paired, 80%",
+              "power): a n.s. with a large detect means too few samples, not no loss."]
     fronts = pareto(summary)
     if fronts:
         lines += ["", "Pareto frontier per ability (retained score = 1 + ΔP, against bytes saved; most saving first):"]
@@ -71,10 +78,27 @@ def text_grid(records: list[dict]) -> list[str]:
 def eval_table(title: str, summary: list[dict]) -> str:
     """`kvbench eval`'s table: per configuration the mean score with its standard error, ΔP, and fidelity
     (from `evaluation.summarize`, computed in memory: no store, so no bootstrap)."""
-    header = f"{'config':<22}{'score':>14}{'ΔP':>9}{'agree':>8}{'ΔNLL':>9}{'KL':>9}{'kept':>7}{'cache':>7}"
+    header = (f"{'config':<22}{'score':>14}{'ΔP':>9}{'agree':>8}{'top1':>7}{'ΔNLL':>9}{'KL':>9}{'KLp99':>8}"
+              f"{'kept':>7}{'cache':>7}")
     lines = [f"\n{title}", header]
     for s in summary:
         dp = "" if s["delta_p"] is None or s["config"] == "full" else f"{s['delta_p']:+.1%}"
         lines.append(f"{s['config']:<22}{s['score']:>8.3f} ±{s['se']:.3f}{dp:>9}{s['agree']:>8.2f}"
-                     f"{s['delta_nll']:>9.3f}{s['kl']:>9.4f}{s['kept_fraction']:>7.0%}{s['cache_fraction']:>7.0%}")
+                     f"{num(s.get('top1'), '.2f'):>7}{s['delta_nll']:>9.3f}{s['kl']:>9.4f}"
+                     f"{num(s.get('kl_p99'), '.3f'):>8}{s['kept_fraction']:>7.0%}{s['cache_fraction']:>7.0%}")
     return "\n".join(lines)
+
+
+def glance_lines(summary: list[dict], w: int) -> list[str]:
+    """The report's first screen (`glance.py`) as text."""
+    lines = ["At a glance (fidelity to full along the gold answer, 95% CI; accuracy only where significant):"]
+    for g in glance(summary):
+        lines += ["", f"{g['ability']} ({g['model']} · {g['task_key']})" + (f" — {flag(g)}" if flag(g) else "")]
+        for s in g["configs"]:
+            kl = f"{num(s.get('kl'), '.3f')} [{num(s.get('kl_lo'), '.3f')}, {num(s.get('kl_hi'), '.3f')}]"
+            lines.append(f"  {s['config'][:w]:<{w}} {verdict(s):<28} agree {num(s.get('agree'), '.2f'):>4}  "
+                         f"top1 {num(s.get('top1'), '.2f'):>4}  KL {kl:<22} cache {100 * s['cache_fraction']:>3.0f}%")
+        best = [p for p in reversed(g["frontier"]) if p["frontier"]]
+        lines.append(f"  frontier (bytes saved vs {g['frontier_by']}): "
+                     + " · ".join(f"{p['config']} ({100 * p['saved']:.0f}%, {p['retained']:.2f})" for p in best))
+    return lines

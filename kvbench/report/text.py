@@ -42,3 +42,16 @@ def front(points: list[dict]) -> list[str]:
     """A Pareto frontier (`summary.pareto`'s points) as text, most bytes saved first."""
     return [f"{p['config']} ({100 * p['retained']:.0f}% score kept, {100 * p['saved']:.0f}% bytes saved)"
             for p in reversed(points) if p["frontier"]]
+
+
+def num(v: float | None, fmt: str, missing: str = "–") -> str:
+    """`v` formatted, or `missing` where it was not measured (None, nan)."""
+    return missing if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def detectable_text(s: dict) -> tuple[str, str]:
+    """(the smallest detectable ΔP, the samples a 5% relative drop needs), for a record against full."""
+    if s.get("mde") is None:
+        return "–", "–"
+    mde = f"±{s['mde']:.3f}" if s.get("dp_kind") == "absolute" else f"±{100 * s['mde']:.0f}%"
+    return mde, num(s.get("n_needed"), "d")
