@@ -65,6 +65,9 @@ def test_detectable_effect_by_hand():
     zero = detectable(_rows([1, 0, 0, 0]), _rows([0, 0, 0, 0]))
     assert zero["mde"] == pytest.approx(z * 0.5 / 2, abs=1e-6) and zero["n_needed"] is None
     assert detectable(_rows([1]), _rows([1])) == {"mde": None, "n_needed": None}
+    # a continuous metric with a small spread keeps its own sd (the floor is for no spread at all)
+    small = detectable(_rows([0.5, 0.6, 0.5, 0.6]), _rows([0.5] * 4))
+    assert small["mde"] == pytest.approx(z * 0.0577350 / 2 / 0.5, abs=1e-5)
 
 
 def test_a_store_written_before_the_new_columns_gains_them(tmp_path):

@@ -44,3 +44,5 @@ def test_floor_ceiling_significance_and_the_frontier_measure():
     assert retained["a@0.3"] == pytest.approx(0.25) and retained["b@0.5"] == pytest.approx(1.0)
     # the accuracy Pareto view has nothing to say where full scores 0 (only full would be on it)
     assert ("m", "arithmetic") not in pareto(summary) and ("m", "commonsense") in pareto(summary)
+    assert verdict({"method": "x", "dp_significant": None, "n_paired": 0}) == "no full-cache rows to compare with"
+    assert verdict({"method": "x", "dp_significant": None, "n_paired": 1, "mde": None}) == "n=1: decides nothing"

@@ -4,7 +4,9 @@ A *group* is a few samples of a task evaluated together: each is prefilled (alon
 cache is built from its prefill, and the caches that stack become rows of batches (`scoring.evaluate_group`).
 Samples are grouped in order of prompt length, so a batch's rows pad little. Two limits bound what is held
 at once: `batch_size`, the rows of one batch (and the samples of one group); `max_batch_tokens`, the cached
-tokens of one batch (rows x their longest prompt plus what is fed after it) and of one group's caches.
+tokens of one batch (rows x (their longest prompt + the most tokens fed after it: new tokens, options or the
+gold target)) and of one group's caches. A group's gold targets are bounded too: the full cache's
+log-distributions along each are held for the whole group (LOGITS_BYTES).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from kvbench.engine.shapes import kv_shape
 
 CPU_BATCH_BYTES = 2 << 30  # a batch's (and a group's) KV cache on CPU: about this many bytes
+LOGITS_BYTES = 1 << 30  # log-distributions (float32) held at once: the full cache's per group, a fidelity pass's
 CUDA_FREE_SHARE = 0.25  # on CUDA: this share of the free memory (activations and logits need the rest)
 
 
@@ -32,34 +35,44 @@ def auto_batch_tokens(model) -> int:
     return max(1, budget // per_token)
 
 
-def sample_groups(lengths: Sequence[int], configs: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+def target_budget(model) -> int:
+    """Gold-target tokens whose log-distributions over the vocabulary (float32) fit LOGITS_BYTES."""
+    return max(1, LOGITS_BYTES // (4 * model.config.get_text_config(decoder=True).vocab_size))
+
+
+def sample_groups(lengths: Sequence[int], configs: Sequence[int], batch_size: int, max_tokens: int,
+                  targets: Sequence[int] | None = None, max_targets: int | None = None) -> list[list[int]]:
     """Indices of samples (prompt `lengths`, `configs` configurations each) grouped shortest first: at most
-    `batch_size` samples a group, and their caches (length x configurations) within `max_tokens`, one sample at
-    least."""
+    `batch_size` samples a group, their caches (length x configurations) within `max_tokens`, and their gold
+    targets (`targets` tokens each, whose full-cache log-distributions a group holds) within `max_targets`; one
+    sample at least."""
     groups: list[list[int]] = []
-    held = 0
+    held = gold = 0
     for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
-        need = lengths[i] * configs[i]
-        if groups and len(groups[-1]) < batch_size and held + need <= max_tokens:
+        need, t = lengths[i] * configs[i], targets[i] if targets else 0
+        fits = max_targets is None or gold + t <= max_targets
+        if groups and len(groups[-1]) < batch_size and held + need <= max_tokens and fits:
             groups[-1].append(i)
-            held += need
+            held, gold = held + need, gold + t
         else:
             groups.append([i])
-            held = need
+            held, gold = need, t
     return groups
 
 
-def batches(lengths: Sequence[int], rows: Sequence[int], new: int, batch_size: int, max_tokens: int) -> list[range]:
-    """Consecutive runs of items (prompt `lengths`, each item `rows` batch rows: its options, or 1) to feed
-    together: at most `batch_size` items, and every row padded to the longest prompt plus `new` fed tokens within
-    `max_tokens` (one item at least)."""
-    out, start, longest, n_rows = [], 0, 0, 0
-    for i, (n, r) in enumerate(zip(lengths, rows)):
-        grown = max(longest, n)
-        if i > start and (i - start >= batch_size or (n_rows + r) * (grown + new) > max_tokens):
+def batches(lengths: Sequence[int], rows: Sequence[int], fed: Sequence[int], batch_size: int,
+            max_tokens: int) -> list[range]:
+    """Consecutive runs of items (prompt `lengths`, each item `rows` batch rows: its options, or 1; at most `fed`
+    tokens fed after its prompt: new tokens, options, its gold target) to feed together: at most `batch_size`
+    items, and every row padded to the longest prompt plus the most tokens fed within `max_tokens` (one item at
+    least)."""
+    out, start, longest, most, n_rows = [], 0, 0, 0, 0
+    for i, (n, r, f) in enumerate(zip(lengths, rows, fed)):
+        grown, more = max(longest, n), max(most, f)
+        if i > start and (i - start >= batch_size or (n_rows + r) * (grown + more) > max_tokens):
             out.append(range(start, i))
-            start, grown, n_rows = i, n, 0
-        longest, n_rows = grown, n_rows + r
+            start, grown, more, n_rows = i, n, f, 0
+        longest, most, n_rows = grown, more, n_rows + r
     if start < len(lengths):
         out.append(range(start, len(lengths)))
     return out

@@ -15,7 +15,7 @@ from kvbench.engine.prompts import build_prompt
 from kvbench.evaluation.batch import decode, forced_logits, option_scores
 from kvbench.evaluation.configs import FULL, configurations
 from kvbench.evaluation.fidelity import NONE, Fidelity, along_target, followed
-from kvbench.evaluation.grouping import auto_batch_tokens, batches, sample_groups
+from kvbench.evaluation.grouping import LOGITS_BYTES, auto_batch_tokens, batches, sample_groups, target_budget
 from kvbench.evaluation.session import SampleRun
 from kvbench.methods import Method, label
 from kvbench.tasks.base import Sample, Task
@@ -53,7 +53,6 @@ class Row:
     follow: int | None = None  # tokens the output follows the full cache's output before diverging
 
 
-LOGITS_BYTES = 1 << 30  # the batched fidelity pass's log-distributions, at most (about) this many bytes at once
 
 
 @dataclass
@@ -205,7 +204,9 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
                     pools.setdefault(cache.stack_key(), []).append(((i, j), item))
         for pool in pools.values():
             rows = [len(it.run.sample.choices) if loglik else 1 for _, it in pool]
-            for b in batches([it.run.prompt.n for _, it in pool], rows, max_new, batch_size, max_tokens):
+            fed = [max(max(map(len, it.run.options())) if loglik else max_new, len(it.run.target_ids))
+                   for _, it in pool]
+            for b in batches([it.run.prompt.n for _, it in pool], rows, fed, batch_size, max_tokens):
                 chunk = [pool[k] for k in b]
                 outcomes.update(zip([key for key, _ in chunk],
                                     _together(model, tokenizer, [it for _, it in chunk], loglik, max_new, full_lps)))
@@ -223,7 +224,8 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
                 fid = NONE if id(run) in full_lps else None
             # The reference agrees with itself; two answers that both fail to parse do not agree.
             agree = 1.0 if m.name == "full" else float(answer is not None and answer == full_answer)
-            follow = None if loglik or full_output is None else followed(tokenizer, o.output, full_output)
+            follow = None if loglik or full_output is None or m.name == "full" else \
+                followed(tokenizer, o.output, full_output)
             ratio = m.ratio if m.budget is None and m.takes_ratio else None  # none set: kivi's bytes are measured
             rows_out.append(Row(task.name, sample.id, label(m), m.name, ratio, m.budget, o.score, o.extracted,
                                 o.output, agree, fid.delta_nll if fid else 0.0, fid.kl if fid else 0.0,
@@ -235,12 +237,16 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
 
 
 def groups(tokenizer, task: Task, work: Sequence[tuple[Sample, list[Method], str | None]], chat: bool,
-           batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """`work`'s indices grouped for `evaluate_group` (see `grouping.sample_groups`); one each at batch size 1."""
+           batch_size: int, max_batch_tokens: int, max_target_tokens: int | None = None) -> list[list[int]]:
+    """`work`'s indices grouped for `evaluate_group` (see `grouping.sample_groups`; `max_target_tokens`: gold-target
+    tokens a group holds the full cache's log-distributions for, `grouping.target_budget`); one each at batch
+    size 1."""
     if batch_size <= 1:
         return [[i] for i in range(len(work))]
     lengths = [len(build_prompt(list(s.parts), tokenizer, chat=chat).input_ids) for s, _, _ in work]
-    return sample_groups(lengths, [len(c) for _, c, _ in work], batch_size, max_batch_tokens)
+    targets = [len(tokenizer(s.target, add_special_tokens=False)["input_ids"]) for s, _, _ in work]
+    return sample_groups(lengths, [len(c) for _, c, _ in work], batch_size, max_batch_tokens, targets,
+                         max_target_tokens)
 
 
 @torch.inference_mode()
@@ -271,7 +277,7 @@ def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int
     max_tokens = max_batch_tokens or auto_batch_tokens(model)
     done: dict[int, list[Row]] = {}
     bar = tqdm(total=len(work) * len(configs), desc=f"{task.name}", unit="run", disable=not progress)
-    for group in groups(tokenizer, task, work, chat, batch_size, max_tokens):
+    for group in groups(tokenizer, task, work, chat, batch_size, max_tokens, target_budget(model)):
         for i, rows in zip(group, evaluate_group(model, tokenizer, task, [work[i] for i in group], chat, mc,
                                                  max_new_tokens, batch_size, max_tokens)):
             done[i] = rows

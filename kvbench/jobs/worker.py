@@ -12,7 +12,7 @@ from dataclasses import asdict
 from kvbench import faults
 from kvbench.errors import KvbenchError, is_disk_failure
 from kvbench.evaluation import FULL, configurations, evaluate_group, groups
-from kvbench.evaluation.grouping import auto_batch_tokens
+from kvbench.evaluation.grouping import auto_batch_tokens, target_budget
 from kvbench.jobs.config import Experiment, TaskSpec
 from kvbench.jobs.plan import Job, bound_tasks, limit
 from kvbench.methods import label
@@ -78,35 +78,30 @@ class Worker:
         max_tokens = self.exp.max_batch_tokens or auto_batch_tokens(self.model)
         out, failed = [], []
 
-        def evaluate(part: list) -> list[list]:
-            for sample, _, _ in part:
-                faults.hit("sample", sample.id)
-            return evaluate_group(self.model, self.tok, task, part, chat, self.exp.mc, max_new, self.exp.batch_size,
-                                  max_tokens)
-
-        for group in groups(self.tok, task, work, chat, self.exp.batch_size, max_tokens):
-            part = [work[i] for i in group]
+        def evaluate(part: list) -> list:
+            """Each sample's rows, or, where evaluating raised (not fatally), its failure described (`describe_failure`:
+            strings, so no exception keeps the failed pass's tensors alive through its traceback)."""
             try:
-                results = list(zip(part, evaluate(part)))
+                for sample, _, _ in part:
+                    faults.hit("sample", sample.id)
+                return evaluate_group(self.model, self.tok, task, part, chat, self.exp.mc, max_new,
+                                      self.exp.batch_size, max_tokens)
             except Exception as e:  # noqa: BLE001 (one sample's error must not end the run; fatal ones re-raised)
                 if fatal(e):
                     raise
-                _free_memory(e)
-                if len(part) == 1:
-                    results = [(part[0], e)]
-                else:  # find the sample(s) at fault: each of the group on its own
-                    results = []
-                    for w in part:
-                        try:
-                            results.append((w, evaluate([w])[0]))
-                        except Exception as e1:  # noqa: BLE001 (as above)
-                            if fatal(e1):
-                                raise
-                            _free_memory(e1)
-                            results.append((w, e1))
+                oom = _is_oom(e)
+                described = describe_failure(e)
+            _free_memory(oom)  # out of the except block: the failed pass's frames are gone
+            return [described] * len(part)
+
+        for group in groups(self.tok, task, work, chat, self.exp.batch_size, max_tokens, target_budget(self.model)):
+            part = [work[i] for i in group]
+            results = list(zip(part, evaluate(part)))
+            if len(part) > 1 and isinstance(results[0][1], dict):  # the group failed: each of its samples alone
+                results = [(w, evaluate([w])[0]) for w in part]
             for (sample, todo, _), rows in results:
-                if isinstance(rows, Exception):
-                    f = failure(self.model_name, spec, sample.id, [label(c) for c in todo], **describe_failure(rows))
+                if isinstance(rows, dict):
+                    f = failure(self.model_name, spec, sample.id, [label(c) for c in todo], **rows)
                     failed.append(f)
                     if on_failure:
                         on_failure(f)
@@ -127,11 +122,17 @@ def fatal(e: BaseException) -> bool:
     return is_disk_failure(e)
 
 
-def _free_memory(e: BaseException) -> None:
-    """After a CUDA out-of-memory, give the cached blocks back so the next sample starts clean."""
+def _is_oom(e: BaseException) -> bool:
     import torch
 
-    if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+def _free_memory(oom: bool) -> None:
+    """After a CUDA out-of-memory, give the cached blocks back so the next evaluation starts clean."""
+    import torch
+
+    if oom and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

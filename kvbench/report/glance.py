@@ -58,8 +58,10 @@ def verdict(s: dict) -> str:
         return "reference"
     if s.get("dp_significant"):
         return f"ΔP {s['dp']:+.2f} abs" if s["dp_kind"] == "absolute" else f"ΔP {100 * s['dp']:+.1f}%"
+    if not s.get("n_paired"):
+        return "no full-cache rows to compare with"
     if s.get("mde") is None:
-        return "too few samples"
+        return "n=1: decides nothing"
     mde = f"±{s['mde']:.2f} abs" if s.get("dp_kind") == "absolute" else f"±{100 * s['mde']:.0f}%"
     return f"n.s. (detectable: {mde})"
 

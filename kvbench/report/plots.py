@@ -110,8 +110,10 @@ def _plot_heatmaps(plots: Plots, summary: list[dict]) -> None:
                 here = [s for s in cells if s["series"] == m and s["ability"] == a]
                 if here:
                     grid[i, j] = np.mean([s["dp"] for s in here])
-                    marks[i, j] = "\nn.s." if not any(s["dp_significant"] for s in here) else ""
-        # Only significant cells are coloured: a colour for an n.s. ΔP would claim what the data do not support.
+                    sig = [bool(s["dp_significant"]) for s in here]
+                    marks[i, j] = "" if all(sig) else ("\nn.s." if not any(sig) else "\npart n.s.")
+        # Only cells whose every task is significant are coloured: a colour for an n.s. ΔP (or a mean with one)
+        # would claim what the data do not support.
         shown = grid.copy()
         for (i, j), ns in marks.items():
             if ns:

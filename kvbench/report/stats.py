@@ -112,7 +112,7 @@ def detectable(comp: dict, full: dict) -> dict:
         return {"mde": None, "n_needed": None}
     x = np.array([comp[s]["score"] for s in common], float)
     y = np.array([full[s]["score"] for s in common], float)
-    sd = max(float((x - y).std(ddof=1)), 1 / math.sqrt(n))  # nothing moved: one sample off by a whole point
+    sd = float((x - y).std(ddof=1)) or 1 / math.sqrt(n)  # nothing moved: one sample off by a whole point
     base = float(y.mean())
     mde = Z_POWER * sd / math.sqrt(n)
     if base <= 0:
