@@ -121,7 +121,7 @@ def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
     t0 = time.perf_counter() - sum(it.built for it in items)
     prompts = [it.run.prompt for it in items]
     if loglik:
-        options = [it.run.options() for it in items]
+        options = [it.run.options for it in items]
         flat = [o for opts in options for o in opts]
         stacked = _stack(model, [it.cache for it in items], [len(o) for o in options])
         scores = option_scores(forced_logits(model, stacked, [p for p, o in zip(prompts, options) for _ in o], flat),
@@ -204,7 +204,7 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
                     pools.setdefault(cache.stack_key(), []).append(((i, j), item))
         for pool in pools.values():
             rows = [len(it.run.sample.choices) if loglik else 1 for _, it in pool]
-            fed = [max(max(map(len, it.run.options())) if loglik else max_new, len(it.run.target_ids))
+            fed = [max(max(map(len, it.run.options)) if loglik else max_new, len(it.run.target_ids))
                    for _, it in pool]
             for b in batches([it.run.prompt.n for _, it in pool], rows, fed, batch_size, max_tokens):
                 chunk = [pool[k] for k in b]

@@ -4,6 +4,7 @@ then each cache asked to choose (multiple choice), generate, or score a target (
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 
 import torch
 
@@ -73,7 +74,9 @@ class SampleRun:
         cache = self.cache(method)
         return forced_logits(self.model, cache, [self.prompt], [ids])[0].float().log_softmax(-1), cache
 
+    @cached_property
     def options(self) -> list[list[int]]:
+        """The choices' token ids, tokenized once: every configuration of the sample scores the same options."""
         return [_token_ids(self.tok, c) for c in self.sample.choices]
 
     def choose(self, method: Method) -> tuple[int, list[float], KVCache]:
@@ -85,7 +88,7 @@ class SampleRun:
         so it never changes that option's score. Returns the chosen option's row of the cache (its slots
         include the padding of shorter options: bytes count the longest option's continuation).
         """
-        options = self.options()
+        options = self.options
         with torch.inference_mode():
             cache = self.cache(method)
             cache.expand_batch(len(options))
