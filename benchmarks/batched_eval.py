@@ -6,7 +6,7 @@ throughput ratio (results per minute) and whether the rows agree: answers, score
 KL and ΔNLL within 1e-4. A row that differs is counted (a greedy near-tie flipped by float reductions over a padded
 batch), not hidden.
 
-    .venv/bin/python benchmarks/batched_eval.py --limit 2 [--config quick] [--batch-size 16] [--json out.json]
+    .venv/bin/python benchmarks/batched_eval.py --limit 2 [--config quick] [--batch-size 32] [--json out.json]
 """
 
 from __future__ import annotations

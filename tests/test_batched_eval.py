@@ -197,19 +197,22 @@ def test_the_bytes_a_decoding_budget_leaves(words):
 
 
 def test_groups_and_batches_by_length_and_budget():
-    from kvbench.evaluation.grouping import batches, sample_groups
+    from kvbench.evaluation.grouping import batches, held_tokens, sample_groups
 
-    # shortest first; at most 2 a group; tokens x configurations within 100
-    assert sample_groups([30, 10, 20, 40], [2, 2, 2, 2], 2, 100) == [[1, 2], [0], [3]]
-    assert sample_groups([30, 10, 20, 40], [1, 1, 1, 1], 3, 1000) == [[1, 2, 0], [3]]
-    assert sample_groups([500], [3], 4, 10) == [[0]]  # one sample at least
+    # shortest first; at most 2 a group; the tokens their caches hold within 100
+    assert sample_groups([30, 10, 20, 40], [60, 20, 40, 80], 2, 100) == [[1, 2], [0], [3]]
+    assert sample_groups([30, 10, 20, 40], [30, 10, 20, 40], 3, 1000) == [[1, 2, 0], [3]]
+    assert sample_groups([500], [1500], 4, 10) == [[0]]  # one sample at least
     # rows x (longest prompt + most fed) within 100, at most 3 items
     assert batches([10, 10, 20, 20, 30], [1] * 5, [5] * 5, 3, 100) == [range(0, 3), range(3, 5)]
     assert batches([10, 10, 20, 20, 30], [2] * 5, [5] * 5, 3, 100) == [range(0, 2), range(2, 4), range(4, 5)]
     assert batches([90], [4], [20], 3, 100) == [range(0, 1)]
     assert batches([10, 10], [1, 1], [5, 80], 3, 100) == [range(0, 1), range(1, 2)]  # a long gold target: 2 x 90
     # gold-target tokens a group holds the full cache's log-distributions for: within 110
-    assert sample_groups([10, 20, 30], [1, 1, 1], 3, 1000, [50, 60, 70], 110) == [[0, 1], [2]]
+    assert sample_groups([10, 20, 30], [10, 20, 30], 3, 1000, [50, 60, 70], 110) == [[0, 1], [2]]
+    # what configurations hold of a 100-token prompt: full all, snapkv@0.3 30, kivi (storage) all, counted dense
+    configs = [make_method("full"), make_method("snapkv", ratio=0.3), make_method("kivi")]
+    assert held_tokens(100, configs) == 230
 
 
 @pytest.mark.real

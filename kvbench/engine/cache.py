@@ -57,6 +57,7 @@ class CompressedLayer(DynamicLayer):
         self.captured: dict | None = None  # what scoring needs, when the cache captures (prefill.py)
         self.codec: Codec | None = None  # compact storage between forward passes; None: dense tensors
         self.heads = self.k_dim = self.v_dim = 0  # shape of one slot, recorded at the first update
+        self._buffers: dict[str, torch.Tensor] = {}  # growing storage that decoding appends into (`_append`)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -82,14 +83,34 @@ class CompressedLayer(DynamicLayer):
             if self.keys is None:  # parked in a codec since the last pass: dense again, for this pass only
                 self.keys, self.values = self.codec.load(self, key_states, value_states)
             else:
-                self.keys = torch.cat([self.keys, key_states], dim=-2)
-                self.values = torch.cat([self.values, value_states], dim=-2)
-            self.pos = torch.cat([self.pos, new_pos], dim=-1)
-            self.valid = torch.cat([self.valid, new_valid], dim=-1)
+                self._append("keys", key_states)
+                self._append("values", value_states)
+            self._append("pos", new_pos)
+            self._append("valid", new_valid)
             if self.accumulated is not None:
-                self.accumulated = torch.cat([self.accumulated, self.accumulated.new_zeros(B, H, q)], dim=-1)
+                self._append("accumulated", self.accumulated.new_zeros(B, H, q))
         self.seen += q
         return self.keys, self.values
+
+    def _append(self, name: str, new: torch.Tensor) -> None:
+        """Append `new` after the slots of tensor `name` (slots on dim 2), in place when it is a prefix of this
+        layer's own buffer with room left. Decoding appends a token a step: concatenating would copy the whole
+        cache every step (quadratic in the tokens generated), so the buffer has an eighth more room (8 slots
+        at least; a bounded share, so memory measured compares with a plain cache's as the bytes do) and the
+        cache is copied only when it is full. Anything that replaces the tensor (eviction, stacking, row
+        selection, a view shared with another cache) leaves it no prefix of the buffer: the next append starts
+        a new one, never writing through a tensor this layer does not own."""
+        cur = getattr(self, name)
+        T, q = cur.shape[2], new.shape[2]
+        buf = self._buffers.get(name)
+        if buf is None or T + q > buf.shape[2] or not _prefix_of(cur, buf):
+            shape = list(cur.shape)
+            shape[2] = T + q + max(8, (T + q) // 8)
+            buf = cur.new_empty(shape)
+            buf[:, :, :T] = cur
+            self._buffers[name] = buf
+        buf[:, :, T:T + q] = new
+        setattr(self, name, buf[:, :, :T + q])
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -113,6 +134,7 @@ class CompressedLayer(DynamicLayer):
         raise NotImplementedError("a compressed cache does not support num_return_sequences > 1")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._buffers.clear()  # new tensors: the old buffer's memory goes now, not at the next append
         if self.codec is not None:
             self.codec.select(self, indices)
         for name in ("keys", "values", "pos", "valid", "accumulated", "prefill_kept"):
@@ -123,6 +145,7 @@ class CompressedLayer(DynamicLayer):
     # --- kvbench ------------------------------------------------------------------
     def expand_batch(self, n: int) -> None:
         """Repeat a one-row cache `n` times as views (no copy); what is appended later is per row."""
+        self._buffers.clear()
         if self.codec is not None:
             self.codec.expand(self, n)
         for name in ("keys", "values", "pos", "valid", "prefill_kept"):
@@ -166,6 +189,7 @@ class CompressedLayer(DynamicLayer):
             self.all_valid = False
         # Heads keep the same count in every row we build, so validity is usually shared across heads.
         shared = bool((valid == valid[:, :1]).all())
+        self._buffers.clear()
         self.keys, self.values = self.keys.gather(2, kv_idx), self.values.gather(2, kv_idx)
         self.pos = self.pos.gather(2, idx.to(torch.int64))
         self.valid = valid[:, :1] if shared else valid
@@ -207,6 +231,7 @@ class CompressedLayer(DynamicLayer):
         if self.sliding_window is None or self.stored_length() <= self.sliding_window - 1:
             return
         keep = self.sliding_window - 1
+        self._buffers.clear()
         self.keys, self.values = self.keys[:, :, -keep:], self.values[:, :, -keep:]
         self.pos, self.valid = self.pos[:, :, -keep:], self.valid[:, :, -keep:]
 
@@ -231,6 +256,7 @@ class CompressedLayer(DynamicLayer):
         for name in ("sliding_window", "is_sliding", "is_initialized", "heads", "k_dim", "v_dim", "dtype", "device"):
             setattr(self, name, getattr(first, name))
         self.seen = seen
+        self._buffers.clear()
         self.n_prompt = None if first.n_prompt is None else seen + (first.n_prompt - first.seen)
         self.keys = torch.cat([left(r.keys, T - r.stored_length()) for r in rows])
         self.values = torch.cat([left(r.values, T - r.stored_length()) for r in rows])
@@ -274,6 +300,12 @@ class CompressedLayer(DynamicLayer):
     def kept_tokens(self) -> torch.Tensor:
         """Real tokens held now, per row and head: (B, Hk)."""
         return self.valid.expand(-1, self.pos.shape[1], -1).sum(-1)
+
+
+def _prefix_of(t: torch.Tensor, buf: torch.Tensor) -> bool:
+    """`t` is `buf[:, :, :n]` for some n: the same storage, start and strides (an expanded or sliced view is not)."""
+    return (t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and t.shape[:2] == buf.shape[:2]
+            and t.shape[3:] == buf.shape[3:])
 
 
 class KVCache(Cache):

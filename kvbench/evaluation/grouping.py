@@ -5,8 +5,9 @@ cache is built from its prefill, and the caches that stack become rows of batche
 Samples are grouped in order of prompt length, so a batch's rows pad little. Two limits bound what is held
 at once: `batch_size`, the rows of one batch (and the samples of one group); `max_batch_tokens`, the cached
 tokens of one batch (rows x (their longest prompt + the most tokens fed after it: new tokens, options or the
-gold target)) and of one group's caches. A group's gold targets are bounded too: the full cache's
-log-distributions along each are held for the whole group (LOGITS_BYTES).
+gold target)) and of one group's caches (the tokens each configuration keeps of each prompt, `held_tokens`).
+A group's gold targets are bounded too: the full cache's log-distributions along each are held for the whole
+group (LOGITS_BYTES).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from kvbench.engine.shapes import kv_shape
 
-CPU_BATCH_BYTES = 2 << 30  # a batch's (and a group's) KV cache on CPU: about this many bytes
+CPU_BATCH_BYTES = 4 << 30  # a batch's (and a group's) KV cache on CPU: about this many bytes
 LOGITS_BYTES = 1 << 30  # log-distributions (float32) held at once: the full cache's per group, a fidelity pass's
 CUDA_FREE_SHARE = 0.25  # on CUDA: this share of the free memory (activations and logits need the rest)
 
@@ -40,24 +41,30 @@ def target_budget(model) -> int:
     return max(1, LOGITS_BYTES // (4 * model.config.get_text_config(decoder=True).vocab_size))
 
 
-def sample_groups(lengths: Sequence[int], configs: Sequence[int], batch_size: int, max_tokens: int,
+def sample_groups(lengths: Sequence[int], held: Sequence[int], batch_size: int, max_tokens: int,
                   targets: Sequence[int] | None = None, max_targets: int | None = None) -> list[list[int]]:
-    """Indices of samples (prompt `lengths`, `configs` configurations each) grouped shortest first: at most
-    `batch_size` samples a group, their caches (length x configurations) within `max_tokens`, and their gold
-    targets (`targets` tokens each, whose full-cache log-distributions a group holds) within `max_targets`; one
-    sample at least."""
+    """Indices of samples (prompt `lengths`; their configurations' caches `held` tokens in all) grouped shortest
+    first: at most `batch_size` samples a group, their caches within `max_tokens`, and their gold targets
+    (`targets` tokens each, whose full-cache log-distributions a group holds) within `max_targets`; one sample at
+    least."""
     groups: list[list[int]] = []
-    held = gold = 0
+    tokens = gold = 0
     for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
-        need, t = lengths[i] * configs[i], targets[i] if targets else 0
+        need, t = held[i], targets[i] if targets else 0
         fits = max_targets is None or gold + t <= max_targets
-        if groups and len(groups[-1]) < batch_size and held + need <= max_tokens and fits:
+        if groups and len(groups[-1]) < batch_size and tokens + need <= max_tokens and fits:
             groups[-1].append(i)
-            held, gold = held + need, gold + t
+            tokens, gold = tokens + need, gold + t
         else:
             groups.append([i])
-            held, gold = need, t
+            tokens, gold = need, t
     return groups
+
+
+def held_tokens(n: int, configs: Sequence) -> int:
+    """Tokens the caches of `configs` (methods) hold for one prompt of `n` tokens once compressed: what a group
+    holds of a sample at once (a storage codec's compact form is counted dense: an overestimate)."""
+    return sum(m.keep_count(n) if m.compresses_prefill else n for m in configs)
 
 
 def batches(lengths: Sequence[int], rows: Sequence[int], fed: Sequence[int], batch_size: int,

@@ -15,7 +15,14 @@ from kvbench.engine.prompts import build_prompt
 from kvbench.evaluation.batch import decode, forced_logits, option_scores
 from kvbench.evaluation.configs import FULL, configurations
 from kvbench.evaluation.fidelity import NONE, Fidelity, along_target, followed
-from kvbench.evaluation.grouping import LOGITS_BYTES, auto_batch_tokens, batches, sample_groups, target_budget
+from kvbench.evaluation.grouping import (
+    LOGITS_BYTES,
+    auto_batch_tokens,
+    batches,
+    held_tokens,
+    sample_groups,
+    target_budget,
+)
 from kvbench.evaluation.session import SampleRun
 from kvbench.methods import Method, label
 from kvbench.tasks.base import Sample, Task
@@ -245,8 +252,8 @@ def groups(tokenizer, task: Task, work: Sequence[tuple[Sample, list[Method], str
         return [[i] for i in range(len(work))]
     lengths = [len(build_prompt(list(s.parts), tokenizer, chat=chat).input_ids) for s, _, _ in work]
     targets = [len(tokenizer(s.target, add_special_tokens=False)["input_ids"]) for s, _, _ in work]
-    return sample_groups(lengths, [len(c) for _, c, _ in work], batch_size, max_batch_tokens, targets,
-                         max_target_tokens)
+    held = [held_tokens(n, configs) for n, (_, configs, _) in zip(lengths, work)]
+    return sample_groups(lengths, held, batch_size, max_batch_tokens, targets, max_target_tokens)
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ dtype: float32
 device: cpu
 chat: false        # render prompts with the model's chat template (per task too)
 mc: loglik         # multiple choice by option log-likelihood, or "letter"
-batch_size: 16     # (sample, configuration) rows decoded together (1: one at a time, the reference path)
+batch_size: 32     # (sample, configuration) rows decoded together (1: one at a time, the reference path)
 max_batch_tokens: 40000   # cached tokens a batch holds at most (default: from memory, see evaluation/grouping)
 ```
 
@@ -39,7 +39,7 @@ TOP_KEYS = ("name", "models", "methods", "ratios", "budgets", "tasks", "limit", 
 TASK_KEYS = ("name", "settings", "limit", "max_new_tokens", "chat")
 METHOD_KEYS = ("name", "settings", "ratios", "budgets")
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_BATCH_SIZE = 16  # (sample, configuration) rows of one batch (docs/pipeline.md: "Batches")
+DEFAULT_BATCH_SIZE = 32  # (sample, configuration) rows of one batch (docs/pipeline.md: "Batches")
 
 
 @dataclass(frozen=True)
