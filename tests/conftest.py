@@ -36,7 +36,7 @@ from kvbench.engine.attention import register
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Workers share the cores: one torch thread pool each of its share, or they oversubscribe (10x slower).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

@@ -210,9 +210,9 @@ def test_groups_and_batches_by_length_and_budget():
     assert batches([10, 10], [1, 1], [5, 80], 3, 100) == [range(0, 1), range(1, 2)]  # a long gold target: 2 x 90
     # gold-target tokens a group holds the full cache's log-distributions for: within 110
     assert sample_groups([10, 20, 30], [10, 20, 30], 3, 1000, [50, 60, 70], 110) == [[0, 1], [2]]
-    # what configurations hold of a 100-token prompt: full all, snapkv@0.3 30, kivi (storage) all, counted dense
+    # held for a 100-token prompt: the capture 100, full 100, snapkv@0.3 30, kivi (storage) 100, counted dense
     configs = [make_method("full"), make_method("snapkv", ratio=0.3), make_method("kivi")]
-    assert held_tokens(100, configs) == 230
+    assert held_tokens(100, configs) == 330
 
 
 @pytest.mark.real

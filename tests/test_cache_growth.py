@@ -76,3 +76,16 @@ def test_an_evicted_tail_is_overwritten_by_the_next_token():
     assert layer.pos[0, 0].tolist() == [0, 1, 2, 3, 4, 6, 8, 9]
     assert torch.equal(layer.keys[:, :, -1:], last)
     assert torch.equal(layer.keys[:, :, 5], _kv(1, 1, 2)[0][:, :, 0])
+
+
+def test_a_buffer_made_in_inference_mode_takes_appends_outside_it():
+    layer = CompressedLayer()
+    k, _ = _kv(1, 4, 0)
+    with torch.inference_mode():
+        layer.update(k, k)
+        a, _ = _kv(1, 1, 1)
+        layer.update(a, a)  # the buffer: an inference tensor
+    b, _ = _kv(1, 1, 2)
+    with torch.no_grad():  # e.g. transformers' generate continuing the same cache
+        layer.update(b, b)
+    assert torch.equal(layer.keys, torch.cat([k, a, b], 2)) and layer.pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5]

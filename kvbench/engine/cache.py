@@ -103,7 +103,9 @@ class CompressedLayer(DynamicLayer):
         cur = getattr(self, name)
         T, q = cur.shape[2], new.shape[2]
         buf = self._buffers.get(name)
-        if buf is None or T + q > buf.shape[2] or not _prefix_of(cur, buf):
+        # (A buffer made under inference mode cannot be written outside it, as a later generate under no_grad would.)
+        if buf is None or T + q > buf.shape[2] or not _prefix_of(cur, buf) or \
+                (buf.is_inference() and not torch.is_inference_mode_enabled()):
             shape = list(cur.shape)
             shape[2] = T + q + max(8, (T + q) // 8)
             buf = cur.new_empty(shape)

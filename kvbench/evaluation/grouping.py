@@ -62,9 +62,10 @@ def sample_groups(lengths: Sequence[int], held: Sequence[int], batch_size: int, 
 
 
 def held_tokens(n: int, configs: Sequence) -> int:
-    """Tokens the caches of `configs` (methods) hold for one prompt of `n` tokens once compressed: what a group
-    holds of a sample at once (a storage codec's compact form is counted dense: an overestimate)."""
-    return sum(m.keep_count(n) if m.compresses_prefill else n for m in configs)
+    """Tokens a group holds at once for one prompt of `n` tokens: its captured prefill (the whole prompt, kept
+    while the group runs) and what the caches of `configs` (methods) keep of it once compressed (a storage
+    codec's compact form counted dense: an overestimate)."""
+    return n + sum(m.keep_count(n) if m.compresses_prefill else n for m in configs)
 
 
 def batches(lengths: Sequence[int], rows: Sequence[int], fed: Sequence[int], batch_size: int,
