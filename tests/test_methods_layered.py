@@ -18,7 +18,7 @@ from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
 from kvbench.methods import keep_count, make_method
 from kvbench.methods.pyramidinfer import decay_shape, layer_budgets
-from kvbench.methods.pyramidkv import apportion, pyramid_budgets
+from kvbench.methods.pyramidkv import apportion, pyramid_budgets, reference_budgets
 
 LAYERED = ["pyramidkv", "chunkkv", "pyramidinfer"]
 SMALL = {"window_size": 8}  # tiny prompts: a window that leaves room to choose
@@ -73,6 +73,23 @@ def test_pyramidkv_budgets_fall_linearly_from_2avg_minus_min_to_avg_over_beta():
     assert pyramid_budgets(100, 80, 3, 32, 20) == [100, 80, 60]
     assert pyramid_budgets(100, 20, 3, 32, 20) == [20, 20, 20]  # budget below the window: uniform
     assert apportion([2.5, 2.5, 1.0], 6) == [3, 2, 1]  # ties go to the shallower layer
+
+
+def test_pyramidkv_reference_schedule_is_kvcache_factorys():
+    # KVCache-Factory's PyramidKVCluster, by hand. k = 100, w = 32: min (100 - 32) // 20 = 3, max 136 - 3 = 133,
+    # step (133 - 3) // 4 = 32 (rounded down): non-window 133, 101, 69, 37, 5, + the window; 505 in all, not 500
+    assert reference_budgets(1000, 100, 5, 32, 20) == [165, 133, 101, 69, 37]
+    m = make_method("pyramidkv", ratio=0.1, schedule="reference")
+    assert [m.keep_count(1000, i, 5) for i in range(5)] == [165, 133, 101, 69, 37]
+    assert [make_method("pyramidkv", ratio=0.1).keep_count(1000, i, 5) for i in range(5)] == [165, 132, 100, 68, 35]
+    # a prompt shorter than 2 (k - w) = 136: the uniform budget, where the exact schedule still builds a pyramid
+    assert reference_budgets(130, 100, 3, 32, 20) == [100, 100, 100]
+    assert pyramid_budgets(130, 100, 3, 32, 20) != [100, 100, 100]
+    # max 133 >= n - w = 118: clipped to 118, min raised to 136 - 118 = 18, step (118 - 18) // 2 = 50
+    assert reference_budgets(150, 100, 3, 32, 20) == [150, 100, 50]
+    assert reference_budgets(100, 20, 3, 32, 20) == [20, 20, 20]  # k <= w (the reference asserts k > w)
+    with pytest.raises(KvbenchError, match="schedule"):
+        make_method("pyramidkv", schedule="pyramid")
 
 
 @pytest.mark.parametrize("name", ["pyramidkv", "pyramidinfer"])
@@ -297,7 +314,7 @@ def test_pyramidinfer_decoding_holds_the_budget_by_the_current_querys_attention(
 
 
 def test_defaults_are_the_papers_and_bad_settings_are_clear_errors():
-    assert make_method("pyramidkv").settings() == {**make_method("snapkv").settings(), "beta": 20}
+    assert make_method("pyramidkv").settings() == {**make_method("snapkv").settings(), "beta": 20, "schedule": "exact"}
     assert {k: v for k, v in make_method("chunkkv").settings().items() if k in
             ("window_size", "chunk_size", "reuse_layers")} == {"window_size": 32, "chunk_size": 10, "reuse_layers": 1}
     m = make_method("pyramidinfer")

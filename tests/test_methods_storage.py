@@ -6,6 +6,7 @@ equal to single rows, prefill-once equal to in-prefill compression.
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -67,6 +68,39 @@ def test_adakv_shares_the_layer_budget_across_heads_by_score():
     assert keep[1].nonzero().flatten().tolist() == [0, 1, 2, 10, 11]
     uniform = make_method("snapkv", ratio=0.5, window_size=2, kernel_size=1).select(view)[0]
     assert uniform.sum(-1).tolist() == [6, 6] and keep.sum().item() == uniform.sum().item()
+
+
+def test_adakv_authors_allocation_is_their_codes_by_hand():
+    """2 heads, 5 free slots and a 1-slot window each, k = 4 (B = 3 free per head), alpha 0.5. The layer's best
+    2 x 3 = 6 scores: head 0's five and head 1's best, c = (5, 1). The authors' code: round(0.5 c + floor(1.5)) =
+    round(3.5), round(1.5) = 4, 2 (half to even). The safeguard split: 1 each, then the 4 best left, all head 0's."""
+    scores = torch.tensor([[.9, .8, .7, .6, .5, 0.], [.4, .3, .2, .1, .05, 0.]])
+    window = torch.tensor([False] * 5 + [True])
+    authors = make_method("adakv", alpha=0.5, allocation="authors").select_row(scores, window, 4)
+    assert [row.nonzero().flatten().tolist() for row in authors] == [[0, 1, 2, 3, 5], [0, 1, 5]]
+    default = make_method("adakv", alpha=0.5).select_row(scores, window, 4)
+    assert [row.nonzero().flatten().tolist() for row in default] == [[0, 1, 2, 3, 4, 5], [0, 5]]
+    # rounding per head: alpha 0.2, floor(0.6) = 0, round(4.0) + round(0.8) = 5 kept of the nominal 6
+    fewer = make_method("adakv", alpha=0.2, allocation="authors").select_row(scores, window, 4)
+    assert fewer.sum(-1).tolist() == [5, 2]
+    with pytest.raises(KvbenchError, match="allocation"):
+        make_method("adakv", allocation="kvpress")
+
+
+def test_adakv_authors_allocation_runs_on_every_architecture(arch):
+    model, n = tiny(arch), 57
+    m = method("adakv", ratio=0.3, allocation="authors")
+    cache, _ = prefilled(model, prompt_ids(n), m)
+    D = head_dim(model)
+    for i, layer in enumerate(cache.layers):
+        if layer.sliding_window is not None:
+            continue
+        kept, k = layer.prefill_kept[0], m.keep_count(n, i, cache.n_layers)
+        H, B = layer.heads, k - m.window_size  # the window is all that is protected here
+        # the heads' free counts (1 - alpha) c_h + floor(alpha B) sum to H B - H frac(alpha B), each then rounded
+        center = H * B - H * (m.alpha * B - math.floor(m.alpha * B))
+        assert abs(int(kept.sum()) - H * m.window_size - center) <= H / 2
+        assert layer.nbytes() == int(kept.sum()) * 2 * D * 4  # ragged: exactly the kept tokens
 
 
 def test_adakv_alpha_one_is_snapkv():

@@ -16,6 +16,15 @@ not as masks over a padded layout (kvpress's AdaKVPress masks evicted keys and s
 Defaults: SnapKV's (window 32, kernel 5, average pooling); `alpha=0.2`, the safeguard
 kvpress uses and the authors recommend with grouped-query attention (their README's 0.5 is
 for full multi-head models). `scorer="pyramidkv"` takes PyramidKV's per-layer budgets.
+
+`allocation`: how the layer's budget is split. "safeguard" (the default, as above: each head's
+safeguard first, then the best remaining scores across heads; the split kvpress's AdaKVPress
+makes). "authors", as the authors' code (`AdaptiveSnapKVCluster` in FFY0/AdaKV) splits it: with
+B = k - p the per-head non-protected budget, c_h counts head h's entries among the best Hk * B
+scores of the whole layer, and head h keeps its best `round((1 - alpha) c_h + floor(alpha B))`
+(rounding half to even, as torch.round), besides its protected tokens. The heads' free counts then
+sum to Hk * (B - frac(alpha B)) give or take each head's rounding: the layer keeps from 1.5 Hk fewer
+to Hk / 2 more tokens than the nominal Hk * k, as the authors' code does.
 """
 
 from __future__ import annotations
@@ -41,11 +50,13 @@ class AdaKV(PyramidKV):
     Attributes:
         alpha: fraction of each head's non-protected budget it keeps whatever its scores (0.2).
         scorer: "snapkv" (the same budget in every layer) or "pyramidkv" (PyramidKV's per-layer budgets).
-        window_size, kernel_size, pooling, beta: as SnapKV / PyramidKV.
+        allocation: "safeguard" (each head's safeguard, then the rest by score) or "authors" (the authors' code).
+        window_size, kernel_size, pooling, beta, schedule: as SnapKV / PyramidKV.
     """
 
     alpha: float = 0.2
     scorer: str = "snapkv"
+    allocation: str = "safeguard"
 
     stores: ClassVar[str] = "ragged"
 
@@ -55,6 +66,8 @@ class AdaKV(PyramidKV):
             check_fraction("alpha", self.alpha)
         if self.scorer not in ("snapkv", "pyramidkv"):
             raise KvbenchError(f"scorer={self.scorer!r}: use snapkv or pyramidkv")
+        if self.allocation not in ("safeguard", "authors"):
+            raise KvbenchError(f"allocation={self.allocation!r}: use safeguard or authors")
 
     def keep_count(self, n: int, layer_idx: int = 0, n_layers: int = 1) -> int:
         if self.scorer == "pyramidkv":
@@ -67,12 +80,28 @@ class AdaKV(PyramidKV):
         Hk = scores.shape[0]
         keep = protected.expand_as(scores).clone()
         free = scores.masked_fill(protected, float("-inf"))  # (Hk, T): what each head may still choose
+        if self.allocation == "authors":
+            return self._authors(keep, free, k - int(protected.sum()))
         floor = math.floor(self.alpha * (k - int(protected.sum())))
         if floor:  # the safeguard: each head's own best
             keep.scatter_(-1, free.topk(floor, dim=-1).indices, True)
         rest = Hk * k - int(keep.sum())
         if rest:  # the shared part: best remaining scores over all heads of the layer
             keep.view(-1)[free.masked_fill(keep, float("-inf")).flatten().topk(rest).indices] = True
+        return keep
+
+    def _authors(self, keep: torch.Tensor, free: torch.Tensor, B: int) -> torch.Tensor:
+        """The authors' split: head h's share c_h of the layer's best Hk * B scores, pulled toward the uniform
+        B by alpha: round((1 - alpha) c_h + floor(alpha B)) of its own best, besides the protected tokens."""
+        Hk, T = free.shape
+        if B <= 0:
+            return keep
+        best = free.flatten().topk(Hk * B).indices // T  # the head of each of the layer's best Hk * B
+        c = torch.bincount(best, minlength=Hk).double()
+        counts = torch.round(c * (1 - self.alpha) + math.floor(self.alpha * B)).long().tolist()
+        for h, n in enumerate(counts):
+            if n:
+                keep[h, free[h].topk(n).indices] = True
         return keep
 
     def codec(self, layer_idx: int, n_layers: int, scratch: dict) -> Ragged | None:

@@ -19,6 +19,14 @@ compressed layers of such a model together hold the schedule minus those entries
 
 Defaults: window 32, kernel 5, average pooling and beta 20, from the authors' code
 (KVCache-Factory, `init_pyramidkv` and `PyramidKVCluster`).
+
+`schedule="reference"` reproduces that code's budgets instead, for comparison with results it
+produced: the smallest non-window budget is `(k - w) // beta` and the largest `2 (k - w)` minus it
+(the largest clipped to `n - w`, the smallest raised to keep the sum), the step between layers is
+rounded down, `(max - min) // (n_layers - 1)`, and layer i keeps `max - i * step + w`; a prompt
+shorter than `2 (k - w)` gets the uniform budget k in every layer. So its layers together hold up to
+`n_layers - 1` steps' remainders more than `n_layers * k`, and the pyramid appears only from twice
+the budget on.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+from kvbench.errors import KvbenchError
 from kvbench.methods.base import register
 from kvbench.methods.snapkv import SnapKV
 
@@ -42,6 +51,22 @@ def apportion(targets: list, total: int) -> list[int]:
     for j in range(total - sum(floors)):
         floors[order[j % len(order)]] += 1
     return floors
+
+
+def reference_budgets(n: int, k: int, n_layers: int, window: int, beta: int) -> list[int]:
+    """Tokens kept per layer as KVCache-Factory's `PyramidKVCluster` keeps them (see the module docstring):
+    integer steps rounded down, uniform below twice the non-window budget; uniform too where that code would not
+    run (one layer, k >= n, or k <= window: it asserts k > window)."""
+    w = window
+    if n_layers == 1 or k >= n or k <= w or n < 2 * (k - w):
+        return [k] * n_layers
+    lo = (k - w) // beta
+    hi = 2 * (k - w) - lo
+    if hi >= n - w:
+        hi = n - w
+        lo = 2 * (k - w) - hi
+    step = (hi - lo) // (n_layers - 1)
+    return [hi - i * step + w for i in range(n_layers)]
 
 
 def pyramid_budgets(n: int, k: int, n_layers: int, window: int, beta: int) -> list[int]:
@@ -71,10 +96,18 @@ class PyramidKV(SnapKV):
     Attributes:
         window_size, kernel_size, pooling: as SnapKV (authors' code: 32, 5, avg).
         beta: the deepest layer keeps 1/beta of the average non-window budget (authors' code: 20).
+        schedule: "exact" (budgets summing to exactly n_layers x keep_count) or "reference" (KVCache-Factory's).
     """
 
     beta: int = 20
+    schedule: str = "exact"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schedule not in ("exact", "reference"):
+            raise KvbenchError(f"schedule={self.schedule!r}: use exact or reference")
 
     def keep_count(self, n: int, layer_idx: int = 0, n_layers: int = 1) -> int:
         k = super().keep_count(n)
-        return pyramid_budgets(n, k, n_layers, self.window_size, self.beta)[layer_idx]
+        rule = reference_budgets if self.schedule == "reference" else pyramid_budgets
+        return rule(n, k, n_layers, self.window_size, self.beta)[layer_idx]
