@@ -85,6 +85,16 @@ def test_adakv_authors_allocation_is_their_codes_by_hand():
     assert fewer.sum(-1).tolist() == [5, 2]
     with pytest.raises(KvbenchError, match="allocation"):
         make_method("adakv", allocation="kvpress")
+    with pytest.raises(KvbenchError, match="scorer=pyramidkv"):
+        make_method("adakv", schedule="reference")
+    # float32 halves, as the authors' code rounds them: 16 heads, B = 1, alpha 0.7 (floor 0); head 0 holds 15 of the
+    # layer's best 16, so round(15 x 0.3) = round(4.5) = 4 in float32 (in float64 4.500000000000001 gives 5)
+    scores = torch.full((16, 17), 0.001)
+    scores[0, :15] = torch.arange(100.0, 85.0, -1.0)
+    scores[1, 0] = 50.0
+    window = torch.tensor([False] * 16 + [True])
+    kept = make_method("adakv", alpha=0.7, allocation="authors").select_row(scores, window, 2)
+    assert kept[0].nonzero().flatten().tolist() == [0, 1, 2, 3, 16] and kept[1:].sum().item() == 15
 
 
 def test_adakv_authors_allocation_runs_on_every_architecture(arch):

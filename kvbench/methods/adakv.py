@@ -68,6 +68,8 @@ class AdaKV(PyramidKV):
             raise KvbenchError(f"scorer={self.scorer!r}: use snapkv or pyramidkv")
         if self.allocation not in ("safeguard", "authors"):
             raise KvbenchError(f"allocation={self.allocation!r}: use safeguard or authors")
+        if self.schedule != "exact" and self.scorer != "pyramidkv":
+            raise KvbenchError(f"schedule={self.schedule!r} applies to PyramidKV's budgets: add scorer=pyramidkv")
 
     def keep_count(self, n: int, layer_idx: int = 0, n_layers: int = 1) -> int:
         if self.scorer == "pyramidkv":
@@ -97,7 +99,7 @@ class AdaKV(PyramidKV):
         if B <= 0:
             return keep
         best = free.flatten().topk(Hk * B).indices // T  # the head of each of the layer's best Hk * B
-        c = torch.bincount(best, minlength=Hk).double()
+        c = torch.bincount(best, minlength=Hk)  # int64 x a float gives float32, as in their code: same halves
         counts = torch.round(c * (1 - self.alpha) + math.floor(self.alpha * B)).long().tolist()
         for h, n in enumerate(counts):
             if n:

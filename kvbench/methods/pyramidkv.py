@@ -24,9 +24,9 @@ Defaults: window 32, kernel 5, average pooling and beta 20, from the authors' co
 produced: the smallest non-window budget is `(k - w) // beta` and the largest `2 (k - w)` minus it
 (the largest clipped to `n - w`, the smallest raised to keep the sum), the step between layers is
 rounded down, `(max - min) // (n_layers - 1)`, and layer i keeps `max - i * step + w`; a prompt
-shorter than `2 (k - w)` gets the uniform budget k in every layer. So its layers together hold up to
-`n_layers - 1` steps' remainders more than `n_layers * k`, and the pyramid appears only from twice
-the budget on.
+shorter than `2 (k - w)` gets the uniform budget k in every layer. So its layers together hold
+`n_layers * r / 2` more than `n_layers * k`, r = (max - min) mod (n_layers - 1) (the step's rounding),
+and the pyramid appears only from twice the budget on.
 """
 
 from __future__ import annotations
