@@ -5,7 +5,8 @@ cache is built from its prefill, and the caches that stack become rows of batche
 Samples are grouped in order of prompt length, so a batch's rows pad little. Two limits bound what is held
 at once: `batch_size`, the rows of one batch (and the samples of one group); `max_batch_tokens`, the cached
 tokens of one batch (rows x (their longest prompt + the most tokens fed after it: new tokens, options or the
-gold target)) and of one group's caches (the tokens each configuration keeps of each prompt, `held_tokens`).
+gold target)) and of one group's caches (each prompt's captured prefill and what each configuration keeps of
+it, `held_tokens`).
 A group's gold targets are bounded too: the full cache's log-distributions along each are held for the whole
 group (LOGITS_BYTES).
 """

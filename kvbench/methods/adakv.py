@@ -82,9 +82,10 @@ class AdaKV(PyramidKV):
         Hk = scores.shape[0]
         keep = protected.expand_as(scores).clone()
         free = scores.masked_fill(protected, float("-inf"))  # (Hk, T): what each head may still choose
+        B = k - int(protected.sum())  # each head's non-protected budget
         if self.allocation == "authors":
-            return self._authors(keep, free, k - int(protected.sum()))
-        floor = math.floor(self.alpha * (k - int(protected.sum())))
+            return self._authors(keep, free, B)
+        floor = math.floor(self.alpha * B)
         if floor:  # the safeguard: each head's own best
             keep.scatter_(-1, free.topk(floor, dim=-1).indices, True)
         rest = Hk * k - int(keep.sum())
