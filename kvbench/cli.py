@@ -285,6 +285,7 @@ def cmd_eval(args) -> None:
     from dataclasses import asdict
 
     from kvbench.evaluation import evaluate, summarize
+    from kvbench.evaluation.protocols import check_protocol
     from kvbench.report.table import eval_table
     from kvbench.tasks import make_task
 
@@ -294,6 +295,7 @@ def cmd_eval(args) -> None:
     _one_of(args, "--ratio", "--ratios", "--budget")
     _check_common(args)
     _at_least(args, limit=1, batch_size=1, max_batch_tokens=1)
+    check_protocol(args.protocol)
     methods = _methods(args)
     task_settings = _pairs(args.task_set, "--task-set", "length=2048")
     data = str(in_file(args.data, "--data")) if args.data is not None else None
@@ -307,7 +309,7 @@ def cmd_eval(args) -> None:
     with _writing(args.out), (open(args.out, "a") if args.out else nullcontext()) as out:
         rows = evaluate(model, tok, task, methods, limit=args.limit, chat=args.chat, mc=args.mc,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        max_batch_tokens=args.max_batch_tokens,
+                        max_batch_tokens=args.max_batch_tokens, protocol=args.protocol,
                         on_row=(lambda r: (out.write(json.dumps(asdict(r)) + "\n"), out.flush())) if out else None)
     summary = summarize(rows)
     if args.json:
@@ -362,6 +364,7 @@ def experiment(args):
         tasks=_names(args.tasks, "--tasks", "mmlu"),
         ratios=_ratios(args.ratios),
         budgets=_numbers(args.budgets, int, "budgets", 1),
+        protocol=_names(getattr(args, "protocol", None), "--protocol", "after-prefill"),
         **{k: getattr(args, k, None) for k in ("limit", "executor", "address", "seed", "dtype", "device",
                                                  "max_new_tokens", "batch_size", "max_batch_tokens")})
     return config.parse(data, where=args.config or "quick")
@@ -524,10 +527,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task-set", action="append", metavar="KEY=VALUE",
                    help="a task setting (e.g. length=2048, k=5, templates=direct); repeatable")
     p.add_argument("--mc", choices=["loglik", "letter"], default="loglik", help="multiple-choice scoring")
+    p.add_argument("--protocol", default="strict",
+                   help="where compression happens: strict (default), after-prefill or question-agnostic "
+                        "(docs/pipeline.md)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="(sample, configuration) rows decoded together (1: one at a time, the reference path)")
     p.add_argument("--max-batch-tokens", type=int,
-                   help="cached tokens one batch holds at most (default: from free memory on CUDA, 2 GiB on CPU)")
+                   help="cached tokens one batch holds at most (default: from free memory on CUDA, 4 GiB on CPU)")
     p.add_argument("--out", help="append per-sample rows (JSONL) here")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
@@ -547,10 +553,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype")
     p.add_argument("--device")
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--batch-size", type=int, help="(sample, configuration) rows decoded together (default: 16; "
-                                                  "1: one at a time, the reference path; same results)")
+    p.add_argument("--batch-size", type=int, help="(sample, configuration) rows decoded together (default: "
+                                                  f"{DEFAULT_BATCH_SIZE}; 1: one at a time, the reference path; "
+                                                  "same results)")
+    p.add_argument("--protocol", help="comma-separated protocols every task runs under (replaces the config's): "
+                                      "strict, after-prefill, question-agnostic (docs/pipeline.md)")
     p.add_argument("--max-batch-tokens", type=int,
-                   help="cached tokens one batch holds at most (default: from free memory on CUDA, 2 GiB on CPU)")
+                   help="cached tokens one batch holds at most (default: from free memory on CUDA, 4 GiB on CPU)")
     p.add_argument("--executor", help="local (default) | ray")
     p.add_argument("--address", help="Ray cluster address (with --executor ray); default: a local Ray")
     p.add_argument("--out", help="run directory (default: runs/<config name>); re-running resumes it")

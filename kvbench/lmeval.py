@@ -10,11 +10,16 @@ hands its arguments to lm-eval's own command line (the same options as ``lm_eval
 
 model_args: ``pretrained`` (a kvbench model alias, directory or .gguf; default the embedded
 smollm2-135m), ``method`` (default ``full``), ``ratio`` / ``budget`` and any setting of the method
-(``window_size=16``...), ``dtype`` (float32), ``segments`` (``none`` | ``paragraphs``, below).
+(``window_size=16``...), ``dtype`` (float32), ``segments`` (``none`` | ``paragraphs``, below),
+``protocol`` (``strict`` | ``after-prefill`` | ``question-agnostic``, `kvbench.evaluation.protocols`).
 
-Scoring is kvbench's own (`evaluate.SampleRun`): a request's context is prefilled but its last
-token, the cache compressed by the method, and the last token and the continuation go through
-the compressed cache, so every scored token sees only what was kept.
+Scoring is kvbench's own (`evaluate.SampleRun`). Under ``strict`` (the default) a request's context
+is prefilled but its last token, the cache compressed by the method, and the last token and the
+continuation go through the compressed cache, so every scored token sees only what was kept.
+Under ``after-prefill`` the whole context is prefilled and compressed, and the continuation's first
+token is scored from the full prefill (as the harness's own models plus end-of-prefill compression
+score it); under ``question-agnostic`` what comes before the last paragraph is compressed and the
+last paragraph (the question) enters uncompressed: it needs ``segments=paragraphs``.
 - ``loglikelihood``: the continuation's summed log-probability and whether greedy decoding would
   produce it. Requests sharing a context (a question's options) share one prefill.
 - ``generate_until``: greedy (sampling is refused), stopping at EOS or any ``until`` string, at most
@@ -77,17 +82,23 @@ def split_whitespace(context: str, continuation: str) -> tuple[str, str]:
 
 def check_model_args(pretrained: str = "smollm2-135m", method: str = "full", dtype: str = "float32",
                      device: str | None = None, segments: str = "none", max_gen_toks: int = 256,
-                     batch_size: int | str | None = None, max_batch_size: int | None = None, **settings):
+                     batch_size: int | str | None = None, max_batch_size: int | None = None,
+                     protocol: str = "strict", **settings):
     """The kvbench model's arguments, checked without loading anything; returns the method to run.
 
     Called by `main` before lm-eval indexes its tasks (slow) and by `KvbenchLM` before the model loads.
     """
+    from kvbench.evaluation.protocols import QUESTION_AGNOSTIC, check_protocol
     from kvbench.jobs.config import DTYPES, is_device
     from kvbench.methods import make_method
     from kvbench.models import check_model
 
     if segments not in SEGMENTS:
         raise KvbenchError(f"segments={segments!r}: use one of {', '.join(SEGMENTS)}")
+    check_protocol(protocol)
+    if protocol == QUESTION_AGNOSTIC and segments == "none":
+        raise KvbenchError("protocol=question-agnostic needs segments=paragraphs: with segments=none the whole context "
+                           "is the question and nothing comes before it to compress")
     if not isinstance(dtype, torch.dtype) and str(dtype) not in (*DTYPES, "auto"):
         raise KvbenchError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)} or auto")
     if device is not None and not is_device(str(device)):
@@ -122,12 +133,14 @@ class KvbenchLM(LM):
 
     def __init__(self, pretrained: str = "smollm2-135m", method: str = "full", dtype: str = "float32",
                  device: str | None = None, segments: str = "none", max_gen_toks: int = 256,
-                 batch_size: int | str | None = None, max_batch_size: int | None = None, **settings):
+                 batch_size: int | str | None = None, max_batch_size: int | None = None, protocol: str = "strict",
+                 **settings):
         super().__init__()
         from kvbench.models import load_model
 
-        self.method = check_model_args(pretrained, method, dtype, device, segments, max_gen_toks, **settings)
-        self.segments, self.max_gen_toks = segments, int(max_gen_toks)
+        self.method = check_model_args(pretrained, method, dtype, device, segments, max_gen_toks,
+                                       protocol=protocol, **settings)
+        self.segments, self.max_gen_toks, self.protocol = segments, int(max_gen_toks), protocol
         self.model, self.tok = load_model(str(pretrained), dtype=dtype, device=_device(device))
         self._device = self.model.device
         self.name = str(pretrained)
@@ -140,7 +153,7 @@ class KvbenchLM(LM):
         if len(self.tok(context, add_special_tokens=True)["input_ids"]) < 2:
             context = (self.tok.bos_token or self.tok.eos_token or "") + context
         sample = Sample("lm-eval", tuple(context_parts(context, self.segments)), target="", answer="")
-        return SampleRun(self.model, self.tok, None, sample, [self.method], chat=False)
+        return SampleRun(self.model, self.tok, None, sample, [self.method], chat=False, protocol=self.protocol)
 
     def _score(self, run, continuation: str) -> tuple[float, bool]:
         ids = self.tok(continuation, add_special_tokens=False)["input_ids"]
@@ -187,7 +200,8 @@ class KvbenchLM(LM):
 
     def get_model_info(self) -> dict:
 
-        return {"model": self.name, "kvbench_method": self.method.name, "kvbench_settings": self.method.values()}
+        return {"model": self.name, "kvbench_method": self.method.name, "kvbench_settings": self.method.values(),
+                "kvbench_protocol": self.protocol}
 
 
 def _precheck(argv: list[str]) -> None:

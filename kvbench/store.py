@@ -43,7 +43,8 @@ COLUMNS = (
     ("prefill_seconds", "REAL"), ("seconds", "REAL"), ("extra", "JSON"), ("created", "REAL"),
 )
 # Added later: a file written before them gains them (NULL in its old rows) when opened.
-ADDED = (("top1", "REAL"), ("kl_p99", "REAL"), ("kl_max", "REAL"), ("follow", "INTEGER"))
+ADDED = (("top1", "REAL"), ("kl_p99", "REAL"), ("kl_max", "REAL"), ("follow", "INTEGER"), ("protocol", "TEXT"),
+         ("compressed_tokens", "INTEGER"))
 ORIGINAL = tuple(c for c, _ in COLUMNS)
 COLUMNS = COLUMNS + ADDED
 NAMES = tuple(c for c, _ in COLUMNS)

@@ -41,6 +41,10 @@ BAD = [
     (GOOD.replace("tasks: [mmlu]", "tasks: []"), [], "no tasks"),
     (GOOD.replace("methods: [snapkv]", "methods: [snapkv, snapkv]"), [], "snapkv@0.5 is listed twice"),
     (GOOD.replace("tasks: [mmlu]", "tasks: [mmlu, mmlu]"), [], "task mmlu is listed twice"),
+    (GOOD + "protocol: lazy\n", [], "protocol 'lazy': use one of strict, after-prefill, question-agnostic"),
+    (GOOD.replace("[mmlu]", "[{name: mmlu, protocol: [strict, strict]}]"), [], "give one or more different"),
+    (GOOD.replace("[mmlu]", "[mmlu, {name: mmlu, protocol: strict}]"), [], "task mmlu is listed twice"),
+    (None, ["--protocol", "after-prefil"], "protocol 'after-prefil'"),
 ]
 
 
@@ -55,6 +59,19 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, text, 
     assert err.startswith("kvbench: error: ") and "\n" not in err, err
     assert message in err, err
     assert not (out / "results.sqlite").exists()  # nothing started
+
+
+@pytest.mark.real
+def test_a_prompt_question_agnostic_cannot_run_fails_before_any_result(tmp_path, capsys):
+    """Checked with the model's tokenizer (where the question starts), after the model loads, before any work."""
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(GOOD.replace("[mmlu]", "[{name: humaneval, settings: {shots: 0}}]")
+                   + "protocol: question-agnostic\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kvbench: error: sample humaneval/HumanEval/0 of task humaneval[shots=0]@question-agnostic: "
+                          "nothing comes before the question"), err
+    assert len(Store(tmp_path / "run")) == 0
 
 
 def test_missing_config_file(tmp_path, capsys):
@@ -95,6 +112,24 @@ def test_task_key_names_settings():
     assert [m.ratio for m in exp.method_objects()] == [0.3]
 
 
+def test_protocols_are_part_of_a_task_s_key_and_a_list_runs_each():
+    exp = parse({"methods": ["snapkv"], "protocol": ["strict", "after-prefill"],
+                 "tasks": ["mmlu", {"name": "gsm8k", "settings": {"shots": 4}, "protocol": "question-agnostic"}]})
+    assert [(t.key, t.protocol) for t in exp.tasks] == [("mmlu", "strict"), ("mmlu@after-prefill", "after-prefill"),
+                                                         ("gsm8k[shots=4]@question-agnostic", "question-agnostic")]
+    assert parse({"methods": ["snapkv"], "tasks": ["mmlu"]}).tasks[0].protocol == "strict"  # the default, unnamed
+
+
+def test_the_command_line_s_protocols_replace_every_task_s():
+    from kvbench.jobs.config import overridden
+
+    data = {"methods": ["snapkv"], "tasks": ["mmlu", {"name": "gsm8k", "protocol": "strict", "limit": 2}]}
+    exp = parse(overridden(data, protocol=["after-prefill", "question-agnostic"]))
+    assert [t.key for t in exp.tasks] == ["mmlu@after-prefill", "mmlu@question-agnostic", "gsm8k@after-prefill",
+                                          "gsm8k@question-agnostic"]
+    assert exp.tasks[-1].limit == 2  # the task's other keys are kept
+
+
 def test_method_ratios_override_the_config():
     exp = parse({"methods": ["snapkv", {"name": "h2o", "ratios": [0.2]}, {"name": "streamingllm", "budgets": [64]}],
                  "ratios": [0.1, 0.5], "tasks": ["mmlu"]})
@@ -103,7 +138,45 @@ def test_method_ratios_override_the_config():
                    ("streamingllm", 0.1, None), ("streamingllm", 0.5, None), ("streamingllm", 1.0, 64)]
 
 
-@pytest.mark.parametrize("name", ["quick", "manyshot", "paper", "storage"])
+def test_a_task_may_run_its_own_methods_and_a_setting_may_take_the_ratio():
+    from kvbench.evaluation import label
+    from kvbench.jobs.plan import plan
+
+    exp = parse({"methods": ["snapkv", "shotkv"], "ratios": [0.1, 0.3], "limit": 2,
+                 "tasks": ["mmlu", {"name": "gsm8k", "methods": [
+                     {"name": "streamingllm", "settings": {"decoding_ratio": "ratio"}}, "shotkv"]}]})
+    assert [label(m) for m in exp.method_objects(exp.tasks[0])] == ["snapkv@0.1", "snapkv@0.3", "shotkv@0.1",
+                                                                    "shotkv@0.3"]
+    own = exp.method_objects(exp.tasks[1])
+    assert [label(m) for m in own] == ["streamingllm@0.1[decoding_ratio=0.1]", "streamingllm@0.3[decoding_ratio=0.3]",
+                                       "shotkv@0.1", "shotkv@0.3"]
+    assert [m.decoding_ratio for m in own[:2]] == [0.1, 0.3] and all(m.compresses_decoding for m in own)
+    assert [label(m) for m in exp.all_method_objects()] == [
+        "snapkv@0.1", "snapkv@0.3", "shotkv@0.1", "shotkv@0.3", "streamingllm@0.1[decoding_ratio=0.1]",
+        "streamingllm@0.3[decoding_ratio=0.3]"]
+    jobs, todo, _ = plan(exp, None)
+    assert todo == 2 * 5 + 2 * 5  # each task: 2 samples x (full + its own four)
+    with pytest.raises(KvbenchError, match="a setting given as 'ratio' needs ratios, not budgets"):
+        parse({"methods": [{"name": "h2o", "settings": {"decoding_ratio": "ratio"}, "budgets": [64]}],
+               "tasks": ["mmlu"]}).method_objects()
+    with pytest.raises(KvbenchError, match="task 'gsm8k': methods is empty"):
+        parse({"methods": ["snapkv"], "tasks": [{"name": "gsm8k", "methods": []}]})
+
+
+def test_paper_yaml_is_the_study_s_protocol():
+    exp = parse(read("paper"))
+    assert {t.protocol for t in exp.tasks} == {"after-prefill"}
+    by = {t.name: t for t in exp.tasks}
+    assert {n: (by[n].settings.get("format"), by[n].settings.get("shots")) for n in ("mmlu", "csqa", "gsm8k",
+                                                                                    "humaneval")} == {
+        "mmlu": ("harness", 5), "csqa": ("harness", 4), "gsm8k": ("harness", 8), "humaneval": ("harness", 8)}
+    longgen = exp.method_objects(by["longgen"])
+    assert {m.name for m in longgen} == {"streamingllm", "h2o", "pyramidinfer", "shotkv"}
+    assert all(m.compresses_decoding and m.decoding_keep_count(100) == round(100 * m.ratio) for m in longgen)
+    assert len(longgen) == 4 * 9 and len(exp.method_objects(by["mmlu"])) == 8 * 9
+
+
+@pytest.mark.parametrize("name", ["quick", "manyshot", "paper", "storage", "protocols"])
 def test_shipped_configs_validate_and_dry_run_offline(name, capsys, tmp_path):
     """paper.yaml needs CUDA and the hub: its dry run validates what can be checked here."""
     assert main(["run", name, "--dry-run", "--out", str(tmp_path)]) == 0

@@ -170,3 +170,20 @@ def test_kl_is_full_to_compressed_and_delta_nll_is_compressed_minus_full():
     delta_nll, kl = f.delta_nll, f.kl
     assert kl == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), abs=1e-6)
     assert delta_nll == pytest.approx(-math.log(0.9) + math.log(0.5), abs=1e-6)
+
+
+def test_length_normalised_choice_is_the_harness_s_acc_norm():
+    """By hand: " ab" at -4 (-2 a character) and " abcdef" at -6 (-1 a character): the summed log-likelihood picks
+    the first (acc), per character the second (acc_norm; the joining space is not counted, as the harness counts
+    its choices). Both picks are stored; `norm=True` makes the per-character one the headline and the score."""
+    from kvbench.evaluation.scoring import _choice
+    from kvbench.tasks import make_task
+
+    sample = Sample("s", (Part("question", "q"),), target=" abcdef", answer="B", choices=(" ab", " abcdef"),
+                    letters=("A", "B"))
+    plain, norm = make_task("csqa"), make_task("csqa", norm=True)
+    assert _choice(plain, sample, [-4.0, -6.0])[:3] == (" ab", 0.0, {"loglik": "A", "loglik_norm": "B"})
+    assert _choice(norm, sample, [-4.0, -6.0])[:3] == (" abcdef", 1.0, {"loglik_norm": "B", "loglik": "A"})
+    assert _choice(norm, sample, [-4.0, -13.0])[:3] == (" ab", 0.0, {"loglik_norm": "A", "loglik": "A"})  # -2.17
+    with pytest.raises(Exception, match="norm='yes'"):
+        make_task("csqa", norm="yes")

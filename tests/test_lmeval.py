@@ -80,6 +80,10 @@ def test_unknown_method_settings_fail_before_the_model_loads():
         KvbenchLM(pretrained="no-such-model", method="snapkv", ratio=0.3, not_a_setting=1)
     with pytest.raises(KvbenchError, match="segments"):
         KvbenchLM(pretrained="no-such-model", segments="sentences")
+    with pytest.raises(KvbenchError, match="protocol 'eager': use one of strict, after-prefill, question-agnostic"):
+        KvbenchLM(pretrained="no-such-model", protocol="eager")
+    with pytest.raises(KvbenchError, match="question-agnostic needs segments=paragraphs"):
+        KvbenchLM(pretrained="no-such-model", protocol="question-agnostic")
 
 
 # ---------------------------------------------------------------- on the default model
@@ -101,13 +105,21 @@ def kvbench_task(tasks_dir):
 
 @pytest.fixture(scope="module")
 def kvbench_rows(tasks_dir, default_model):
-    """kvbench's own scoring of the same rows, full and snapkv."""
+    """kvbench's own scoring of the same rows, full and snapkv, per protocol (computed when first asked)."""
     from kvbench.evaluation import evaluate
     from kvbench.methods import make_method
 
     model, tok = default_model
-    return evaluate(model, tok, kvbench_task(tasks_dir), [make_method("snapkv", ratio=0.5, window_size=8)],
-                    progress=False)
+    rows: dict[str, list] = {}
+
+    def under(protocol: str) -> list:
+        if protocol not in rows:
+            rows[protocol] = evaluate(model, tok, kvbench_task(tasks_dir),
+                                      [make_method("snapkv", ratio=0.5, window_size=8)], progress=False,
+                                      protocol=protocol)
+        return rows[protocol]
+
+    return under
 
 
 def lm_eval_samples(tasks_dir, model_args: str) -> tuple[float, dict[int, list[float]]]:
@@ -121,9 +133,11 @@ def lm_eval_samples(tasks_dir, model_args: str) -> tuple[float, dict[int, list[f
 @pytest.mark.parametrize("config,model_args", [
     ("full", "pretrained=smollm2-135m,method=full"),
     ("snapkv@0.5[window_size=8]", "pretrained=smollm2-135m,method=snapkv,ratio=0.5,window_size=8"),
+    ("snapkv@0.5[window_size=8]", "pretrained=smollm2-135m,method=snapkv,ratio=0.5,window_size=8,"
+                                  "protocol=after-prefill"),
 ])
 def test_lm_eval_multiple_choice_matches_kvbench_scoring(tasks_dir, kvbench_rows, config, model_args):
-    rows = kvbench_rows
+    rows = kvbench_rows(model_args.split("protocol=")[1] if "protocol=" in model_args else "strict")
     mine = {int(r.sample.rsplit("/", 1)[1]): r for r in rows if r.config == config}
     assert len(mine) == len(ROWS)
     acc, logliks = lm_eval_samples(tasks_dir, model_args)

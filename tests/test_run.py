@@ -364,3 +364,35 @@ def test_failures_are_recorded_and_cleared_by_the_samples_rows(tmp_path):
 def test_report_of_an_empty_directory(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "holds no results.sqlite" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_protocols_are_stored_apart_and_named_in_the_report(tmp_path, capsys):
+    """One run directory holds the same task under several protocols: each its own rows (its key names the protocol),
+    the `protocol` column filled, the report's sections named; a later run under another protocol adds rows and
+    keeps the others."""
+    import csv
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(CONFIG.replace("limit: 3", "limit: 2") + "protocol: [strict, after-prefill]\n")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    rows = Store(out).rows()
+    assert sorted({(r["task_key"], r["protocol"]) for r in rows}) == [("mmlu", "strict"),
+                                                                      ("mmlu@after-prefill", "after-prefill")]
+    assert len(rows) == 8  # 2 samples x 2 configurations x 2 protocols
+    by = {(r["task_key"], r["sample"], r["config"]): r for r in rows}
+    for (key, sample, config), r in by.items():  # the full cache is the same model whatever the protocol
+        if config == "full" and key == "mmlu":
+            assert r["extra"]["option_loglik"] == pytest.approx(
+                by[("mmlu@after-prefill", sample, config)]["extra"]["option_loglik"], abs=1e-4)
+    assert any(r["extra"] != by[("mmlu@after-prefill", r["sample"], r["config"])]["extra"]
+               for r in rows if r["task_key"] == "mmlu" and r["config"] != "full")  # compression differs
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert {(s["task_key"], s["protocol"]) for s in summary} == {("mmlu", "strict"),
+                                                                  ("mmlu@after-prefill", "after-prefill")}
+    assert "smollm2-135m · mmlu@after-prefill" in capsys.readouterr().out  # the report's section
+    assert main(["run", str(cfg), "--out", str(out), "--quiet", "--protocol", "question-agnostic"]) == 0
+    again = Store(out).rows()
+    assert len(again) == 12 and {r["key"] for r in rows} <= {r["key"] for r in again}

@@ -356,6 +356,13 @@ class KVCache(Cache):
             layer.n_prompt += k
             layer.n_prefill_slots += k
 
+    def settle_prompt(self) -> None:
+        """After prompt tokens announced by `extend_prompt` were fed: nothing of the prompt is pending. (A sliding-
+        window layer trimmed to its window while they entered holds fewer slots than were announced.)"""
+        for layer in self.layers:
+            if layer.n_prompt is not None and layer.n_prompt == layer.seen:
+                layer.n_prefill_slots = layer.stored_length()
+
     def expand_batch(self, n: int) -> None:
         """Repeat a one-row cache `n` times as views (no copy), segments included: e.g. one row per option
         of a multiple-choice question, all continuing the same compressed prompt."""
@@ -415,12 +422,19 @@ class KVCache(Cache):
         return sum(layer.full_nbytes() for layer in self.layers)
 
     def nbytes_after(self, fed: int) -> int:
-        """`nbytes` once `fed` more tokens have entered, the first of them the prompt's last (`extend_prompt`):
-        what a row of a `stack` would hold had it been decoded alone. Generated tokens under a decoding budget
+        """`nbytes` once `fed` more tokens have entered, the first of them the prompt's tokens announced by
+        `extend_prompt` and not fed yet (its last, unless the cache holds it already): what a row of a `stack` would
+        hold had it been decoded alone. Generated tokens under a decoding budget
         count as `compress.on_decode` holds them (sliding-window layers are never compressed)."""
         m = self.method
-        held = fed if m is None or not m.compresses_decoding or fed < 1 else 1 + held_generated(m, fed - 1)
-        return sum(layer.nbytes_after(fed if layer.sliding_window is not None else held) for layer in self.layers)
+        if m is None or not m.compresses_decoding:
+            return sum(layer.nbytes_after(fed) for layer in self.layers)
+        total = 0
+        for layer in self.layers:
+            prompt = min(fed, layer.n_prefill_slots - layer.stored_length())  # announced (`extend_prompt`), unfed
+            held = fed if layer.sliding_window is not None else prompt + held_generated(m, fed - prompt)
+            total += layer.nbytes_after(held)
+        return total
 
     def full_nbytes_after(self, fed: int) -> int:
         return sum(layer.full_nbytes_after(fed) for layer in self.layers)

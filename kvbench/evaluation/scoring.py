@@ -12,7 +12,7 @@ import torch
 from kvbench.engine.cache import KVCache
 from kvbench.engine.decode import max_len
 from kvbench.engine.prompts import build_prompt
-from kvbench.evaluation.batch import decode, forced_logits, option_scores
+from kvbench.evaluation.batch import decode, fed_tokens, forced_logits, option_scores
 from kvbench.evaluation.configs import FULL, configurations
 from kvbench.evaluation.fidelity import NONE, Fidelity, along_target, followed
 from kvbench.evaluation.grouping import (
@@ -23,6 +23,7 @@ from kvbench.evaluation.grouping import (
     sample_groups,
     target_budget,
 )
+from kvbench.evaluation.protocols import STRICT, check_protocol
 from kvbench.evaluation.session import SampleRun
 from kvbench.methods import Method, label
 from kvbench.tasks.base import Sample, Task
@@ -44,7 +45,7 @@ class Row:
     agree: float
     delta_nll: float
     kl: float
-    kept_tokens: float  # mean over layers of prompt tokens kept (of prompt_tokens - 1: the last enters after)
+    kept_tokens: float  # mean over layers of prompt tokens kept, of the `compressed_tokens` the method compressed
     prompt_tokens: int
     cache_bytes: int
     full_cache_bytes: int
@@ -58,7 +59,8 @@ class Row:
     kl_p99: float | None = None  # 99th percentile of KL(full || compressed) over those positions
     kl_max: float | None = None
     follow: int | None = None  # tokens the output follows the full cache's output before diverging
-
+    protocol: str = STRICT  # where compression happened relative to the prompt (evaluation.protocols)
+    compressed_tokens: int | None = None  # prompt tokens the method compressed (strict: all but the last)
 
 
 
@@ -77,8 +79,16 @@ class _Outcome:
     fid: Fidelity | None = None  # along the gold target; None: not measured
 
 
-def _choice(sample: Sample, pred: int, scores: list[float]) -> tuple[str, float, dict, dict]:
-    extracted = {"loglik": sample.letters[pred] if sample.letters else str(pred)}
+def _choice(task: Task, sample: Sample, scores: list[float]) -> tuple[str, float, dict, dict]:
+    """The options picked by summed log-likelihood (`loglik`, the harness's acc) and by log-likelihood per character
+    (`loglik_norm`, its acc_norm: the option's characters without the space joining it to the prompt, as the
+    harness counts its choices), side by side; the task's `length_normalised` says which is the headline."""
+    chars = [len(c[1:] if c.startswith(" ") else c) for c in sample.choices]
+    picks = {"loglik": max(range(len(scores)), key=scores.__getitem__),
+             "loglik_norm": max(range(len(scores)), key=lambda i: scores[i] / max(1, chars[i]))}
+    order = ("loglik_norm", "loglik") if task.length_normalised else ("loglik", "loglik_norm")
+    extracted = {k: sample.letters[picks[k]] if sample.letters else str(picks[k]) for k in order}
+    pred = picks[order[0]]
     score = float(pred == sample.letters.index(sample.answer) if sample.letters else str(pred) == sample.answer)
     return sample.choices[pred], score, extracted, {"option_loglik": scores}
 
@@ -94,7 +104,7 @@ def _alone(run: SampleRun, m: Method, loglik: bool, max_new: int, full_lp: torch
     t0 = time.perf_counter()
     if loglik:
         pred, scores, cache = run.choose(m)
-        judged = _choice(run.sample, pred, scores)
+        judged = _choice(run.task, run.sample, scores)
     else:
         output, cache = run.generate(m, max_new, run.task.config.stop)
         judged = _text(run.task, run.sample, output)
@@ -137,8 +147,8 @@ def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
         for it, opts in zip(items, options):
             sc = scores[at:at + len(opts)]
             at += len(opts)
-            results.append((_choice(it.run.sample, max(range(len(sc)), key=sc.__getitem__), sc),
-                            max(len(o) for o in opts)))  # the longest option fed, as `choose` counts it
+            results.append((_choice(it.run.task, it.run.sample, sc),
+                            fed_tokens(it.run.prompt, max(len(o) for o in opts))))  # as `choose` counts it
     else:
         task = items[0].run.task
         stacked = _stack(model, [it.cache for it in items])
@@ -168,7 +178,7 @@ def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
 @torch.inference_mode()
 def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, list[Method], str | None]],
                    chat: bool = False, mc: str = "loglik", max_new_tokens: int | None = None, batch_size: int = 1,
-                   max_batch_tokens: int | None = None) -> list[list[Row]]:
+                   max_batch_tokens: int | None = None, protocol: str = STRICT) -> list[list[Row]]:
     """Rows for a few samples evaluated together (a group, see `grouping`): per (sample, its configurations,
     the full cache's stored answer or None) of `work`, that sample's rows, the full cache first.
 
@@ -178,7 +188,7 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
     pairs (multiple choice: each times its options) within `max_batch_tokens`, rows of several samples
     together; the others, and all of them at 1, one at a time. Fidelity is measured against the full cache:
     when `full` is not among a sample's configurations (a resumed run that stored it already), its stored
-    answer is the reference for `agree`.
+    answer is the reference for `agree`. `protocol`: where compression happens (`evaluation.protocols`).
     """
     cfg = task.config
     loglik = cfg.output == "multiple_choice" and mc == "loglik"
@@ -187,7 +197,7 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
     runs, prefill_seconds, full_lps = [], [], {}
     for sample, configs, _ in work:
         t0 = time.perf_counter()
-        run = SampleRun(model, tokenizer, task, sample, configs, chat)
+        run = SampleRun(model, tokenizer, task, sample, configs, chat, protocol)
         prefill_seconds.append(time.perf_counter() - t0)
         if not loglik:
             run.check_window(max_new)
@@ -238,7 +248,8 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
                                 o.output, agree, fid.delta_nll if fid else 0.0, fid.kl if fid else 0.0,
                                 sum(o.kept) / len(o.kept), run.enc.lengths[0], o.nbytes, o.full_nbytes, o.seconds,
                                 o.extra, run.prompt_hash, prefill_seconds[i], *(
-                                    (fid.top1, fid.kl_p99, fid.kl_max) if fid else (None, None, None)), follow))
+                                    (fid.top1, fid.kl_p99, fid.kl_max) if fid else (None, None, None)), follow,
+                                run.protocol, run.head.shape[1]))
         out.append(rows_out)
     return out
 
@@ -259,25 +270,27 @@ def groups(tokenizer, task: Task, work: Sequence[tuple[Sample, list[Method], str
 @torch.inference_mode()
 def evaluate_sample(model, tokenizer, task: Task, sample: Sample, configs: list[Method], chat: bool = False,
                     mc: str = "loglik", max_new_tokens: int | None = None,
-                    full_answer: str | None = None, batch_size: int = 1) -> list[Row]:
+                    full_answer: str | None = None, batch_size: int = 1, protocol: str = STRICT) -> list[Row]:
     """Rows for one sample under `configs`, all built from one prefill (see `evaluate_group`)."""
     return evaluate_group(model, tokenizer, task, [(sample, configs, full_answer)], chat, mc, max_new_tokens,
-                          batch_size)[0]
+                          batch_size, protocol=protocol)[0]
 
 
 def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int | None = None,
              chat: bool = False, mc: str = "loglik", progress: bool = True,
              on_row: Callable[[Row], None] | None = None, max_new_tokens: int | None = None,
-             batch_size: int = 1, max_batch_tokens: int | None = None) -> list[Row]:
+             batch_size: int = 1, max_batch_tokens: int | None = None, protocol: str = STRICT) -> list[Row]:
     """Rows for every (sample, configuration), in sample order, the full cache first (fidelity is measured
     against it).
 
     `max_new_tokens` overrides the task's generation length (e.g. for a quick look); `batch_size`: (sample,
     configuration) rows decoded together, several samples at once (see `evaluate_group`); `max_batch_tokens`:
-    the cached tokens a batch holds at most (default: `grouping.auto_batch_tokens`).
+    the cached tokens a batch holds at most (default: `grouping.auto_batch_tokens`); `protocol`: where compression
+    happens (`evaluation.protocols`).
     """
     from tqdm.auto import tqdm
 
+    check_protocol(protocol)
     configs = configurations(methods)
     task.bind(tokenizer, max_len(model))
     work = [(s, configs, None) for s in task.samples(limit)]
@@ -286,7 +299,7 @@ def evaluate(model, tokenizer, task: Task, methods: Iterable[Method], limit: int
     bar = tqdm(total=len(work) * len(configs), desc=f"{task.name}", unit="run", disable=not progress)
     for group in groups(tokenizer, task, work, chat, batch_size, max_tokens, target_budget(model)):
         for i, rows in zip(group, evaluate_group(model, tokenizer, task, [work[i] for i in group], chat, mc,
-                                                 max_new_tokens, batch_size, max_tokens)):
+                                                 max_new_tokens, batch_size, max_tokens, protocol)):
             done[i] = rows
             for row in rows:
                 if on_row:
@@ -315,7 +328,7 @@ def summarize(rows: list[Row]) -> list[dict]:
             "delta_nll": sum(r.delta_nll for r in rs) / n,
             "kl": sum(r.kl for r in rs) / n,
             **{k: _mean([getattr(r, k) for r in rs]) for k in ("top1", "kl_p99", "follow")},
-            "kept_fraction": sum(r.kept_tokens / max(1, r.prompt_tokens - 1) for r in rs) / n,
+            "kept_fraction": sum(r.kept_tokens / max(1, r.compressed_tokens or r.prompt_tokens - 1) for r in rs) / n,
             "cache_fraction": sum(r.cache_bytes / max(1, r.full_cache_bytes) for r in rs) / n,
         })
     return out

@@ -11,6 +11,7 @@ dtype: float32
 device: cpu
 chat: false        # render prompts with the model's chat template (per task too)
 mc: loglik         # multiple choice by option log-likelihood, or "letter"
+protocol: strict   # where compression happens: strict | after-prefill | question-agnostic, or a list (per task too)
 batch_size: 32     # (sample, configuration) rows decoded together (1: one at a time, the reference path)
 max_batch_tokens: 40000   # cached tokens a batch holds at most (default: from memory, see evaluation/grouping)
 ```
@@ -35,11 +36,20 @@ from kvbench import shipped
 from kvbench.errors import KvbenchError
 
 TOP_KEYS = ("name", "models", "methods", "ratios", "budgets", "tasks", "limit", "seed", "dtype",
-            "device", "chat", "mc", "max_new_tokens", "executor", "address", "batch_size", "max_batch_tokens")
-TASK_KEYS = ("name", "settings", "limit", "max_new_tokens", "chat")
+            "device", "chat", "mc", "max_new_tokens", "executor", "address", "batch_size", "max_batch_tokens",
+            "protocol")
+TASK_KEYS = ("name", "settings", "limit", "max_new_tokens", "chat", "protocol", "methods")
 METHOD_KEYS = ("name", "settings", "ratios", "budgets")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_BATCH_SIZE = 32  # (sample, configuration) rows of one batch (docs/pipeline.md: "Batches")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    settings: dict = field(default_factory=dict)
+    ratios: tuple[float, ...] | None = None
+    budgets: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -49,20 +59,15 @@ class TaskSpec:
     limit: int | None = None
     max_new_tokens: int | None = None
     chat: bool | None = None
+    protocol: str = "strict"  # where compression happens (kvbench.evaluation.protocols)
+    methods: tuple[MethodSpec, ...] | None = None  # this task's own methods (replacing the run's), or None
 
     @property
     def key(self) -> str:
-        """The task and its settings, e.g. "gsm8k[shots=4]": rows of different settings never mix."""
+        """The task, its settings and its protocol unless strict, e.g. "gsm8k[shots=4]@after-prefill": rows of
+        different settings or protocols never mix (and strict rows keep the identity they had before protocols)."""
         extra = ",".join(f"{k}={_show(v)}" for k, v in sorted(self.settings.items()))
-        return self.name + (f"[{extra}]" if extra else "")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    settings: dict = field(default_factory=dict)
-    ratios: tuple[float, ...] | None = None
-    budgets: tuple[int, ...] | None = None
+        return self.name + (f"[{extra}]" if extra else "") + ("" if self.protocol == "strict" else f"@{self.protocol}")
 
 
 @dataclass(frozen=True)
@@ -85,28 +90,47 @@ class Experiment:
     batch_size: int = DEFAULT_BATCH_SIZE  # (sample, configuration) rows decoded together; results do not depend on it
     max_batch_tokens: int | None = None  # cached tokens one batch holds at most; None: from memory (grouping.py)
 
-    def method_objects(self) -> list:
-        """Every configuration to run besides `full`: each method at each of its ratios / budgets (once, for a
-        method that takes no ratio: kivi, minicache)."""
+    def method_objects(self, task: TaskSpec | None = None) -> list:
+        """Every configuration to run besides `full` (on `task`: its own methods where it names them): each method
+        at each of its ratios / budgets (once, for a method that takes no ratio: kivi, minicache). A setting given
+        as `ratio` (e.g. `decoding_ratio: ratio`) takes each configuration's ratio."""
         from kvbench.methods import make_method
 
         out = []
-        for m in self.methods:
+        for m in self.methods if task is None or task.methods is None else task.methods:
             if m.name == "full":
                 continue
-            if m.ratios is None and m.budgets is None and not make_method(m.name, **m.settings).takes_ratio:
+            if m.ratios is None and m.budgets is None and not make_method(m.name, **_at(m.settings, 1.0)).takes_ratio:
                 out.append(make_method(m.name, **m.settings))  # kivi, minicache: one configuration, no ratio
                 continue
             ratios = self.ratios if m.ratios is None else m.ratios
             budgets = self.budgets if m.budgets is None else m.budgets
-            out += [make_method(m.name, **m.settings, ratio=r) for r in ratios]
-            out += [make_method(m.name, **m.settings, budget=b) for b in budgets]
+            out += [make_method(m.name, **_at(m.settings, r), ratio=r) for r in ratios]
+            out += [make_method(m.name, **_at(m.settings, None, m.name), budget=b) for b in budgets]
         return out
+
+    def all_method_objects(self) -> list:
+        """The configurations of every task (each once, in order)."""
+        from kvbench.methods import label
+
+        seen: dict[str, object] = {}
+        for t in (None, *self.tasks):
+            if t is None or t.methods is not None:
+                for m in self.method_objects(t):
+                    seen.setdefault(label(m), m)
+        return list(seen.values())
 
     def task_objects(self) -> list:
         from kvbench.tasks import make_task
 
         return [make_task(t.name, seed=self.seed, **t.settings) for t in self.tasks]
+
+
+def _at(settings: dict, ratio: float | None, name: str = "") -> dict:
+    """A method's settings with each `ratio` value replaced by the configuration's ratio."""
+    if ratio is None and "ratio" in settings.values():
+        raise KvbenchError(f"method {name!r}: a setting given as 'ratio' needs ratios, not budgets; give a number")
+    return {k: ratio if v == "ratio" else v for k, v in settings.items()}
 
 
 def _show(v) -> str:
@@ -155,6 +179,33 @@ def _budgets(where: str, v) -> tuple[int, ...]:
     return tuple(_whole(where, "budget", b) for b in _list(where, "budgets", v))
 
 
+def _method_specs(where: str, items, prefix: str = "") -> tuple[MethodSpec, ...]:
+    methods = []
+    for item in _list(where, "methods", items):
+        e = _entry(where, item, METHOD_KEYS, "method")
+        for k in ("ratio", "budget"):
+            if k in (e.get("settings") or {}):
+                raise _fail(where, f"{prefix}method {e['name']!r}: put {k}s under '{k}s:' (the method's or the "
+                                   "config's), not in settings")
+        methods.append(MethodSpec(e["name"], dict(e.get("settings") or {}),
+                                  _ratios(where, e["ratios"]) if "ratios" in e else None,
+                                  _budgets(where, e["budgets"]) if "budgets" in e else None))
+    return tuple(methods)
+
+
+def _protocols(where: str, key: str, v) -> tuple[str, ...]:
+    """A protocol name or a list of them (each task then runs under each, kept apart by its key)."""
+    from kvbench.evaluation.protocols import PROTOCOLS
+
+    names = _list(where, key, v)
+    for p in names:
+        if p not in PROTOCOLS:
+            raise _fail(where, f"{key} {p!r}: use one of {', '.join(PROTOCOLS)} (or a list of them)")
+    if not names or len(set(names)) != len(names):
+        raise _fail(where, f"{key}: give one or more different protocols ({', '.join(PROTOCOLS)})")
+    return tuple(names)
+
+
 def _entry(where: str, item, keys: tuple[str, ...], what: str) -> dict:
     if isinstance(item, str):
         return {"name": item}
@@ -184,25 +235,23 @@ def parse(data, where: str = "config") -> Experiment:
         models = (DEFAULT_MODEL,)
     if not all(isinstance(m, str) for m in models):
         raise _fail(where, "models are names (aliases, directories, .gguf files or hub ids)")
-    methods = []
-    for item in _list(where, "methods", data.get("methods")):
-        e = _entry(where, item, METHOD_KEYS, "method")
-        for k in ("ratio", "budget"):
-            if k in (e.get("settings") or {}):
-                raise _fail(where, f"method {e['name']!r}: put {k}s under '{k}s:' (the method's or the config's), "
-                                   "not in settings")
-        methods.append(MethodSpec(e["name"], dict(e.get("settings") or {}),
-                                  _ratios(where, e["ratios"]) if "ratios" in e else None,
-                                  _budgets(where, e["budgets"]) if "budgets" in e else None))
+    methods = _method_specs(where, data.get("methods"))
     tasks = []
+    protocols = _protocols(where, "protocol", data.get("protocol", "strict"))
     for item in _list(where, "tasks", data.get("tasks")):
         e = _entry(where, item, TASK_KEYS, "task")
         chat = e.get("chat")
         if chat is not None and not isinstance(chat, bool):
             raise _fail(where, f"task {e['name']!r}: chat must be true or false")
-        tasks.append(TaskSpec(e["name"], dict(e.get("settings") or {}),
-                              _whole(where, "limit", e.get("limit"), none_ok=True),
-                              _whole(where, "max_new_tokens", e.get("max_new_tokens"), none_ok=True), chat))
+        for protocol in _protocols(where, f"task {e['name']!r}: protocol", e["protocol"]) if "protocol" in e \
+                else protocols:
+            own = _method_specs(where, e["methods"], f"task {e['name']!r}: ") if "methods" in e else None
+            if own == ():
+                raise _fail(where, f"task {e['name']!r}: methods is empty; list at least one or drop the key")
+            tasks.append(TaskSpec(e["name"], dict(e.get("settings") or {}),
+                                  _whole(where, "limit", e.get("limit"), none_ok=True),
+                                  _whole(where, "max_new_tokens", e.get("max_new_tokens"), none_ok=True), chat,
+                                  protocol, own))
     if not methods:
         raise _fail(where, "no methods: list at least one, e.g. methods: [snapkv, shotkv]")
     if not tasks:
@@ -236,10 +285,15 @@ def parse(data, where: str = "config") -> Experiment:
 
 def overridden(data: dict, models: list[str] | None = None, methods: list[str] | None = None,
                tasks: list[str] | None = None, ratios: list[float] | None = None, budgets: list[int] | None = None,
-               **scalars) -> dict:
+               protocol: list[str] | None = None, **scalars) -> dict:
     """A config's data with a command line's overrides (None: not overridden). Named methods and tasks keep the
-    settings the config gives them; ratios alone drop the config's budgets and budgets alone its ratios."""
+    settings the config gives them; ratios alone drop the config's budgets and budgets alone its ratios; protocols
+    replace every task's (its own included)."""
     data = dict(data)
+    if protocol is not None:
+        data["protocol"] = protocol
+        data["tasks"] = [{k: v for k, v in e.items() if k != "protocol"} if isinstance(e, dict) else e
+                         for e in _list("config", "tasks", data.get("tasks"))]
     if models is not None:
         data["models"] = models
     if methods is not None:
@@ -374,15 +428,17 @@ def validate(exp: Experiment, offline_check: bool = False) -> tuple[list, list]:
     from kvbench.methods import label
     from kvbench.models import check_model
 
-    methods = exp.method_objects()
-    labels = [label(m) for m in methods]
-    dup = {x for x in labels if labels.count(x) > 1}
-    if dup:
-        raise KvbenchError(f"configuration {sorted(dup)[0]} is listed twice; drop the duplicate")
+    for t in (None, *(t for t in exp.tasks if t.methods is not None)):
+        labels = [label(m) for m in exp.method_objects(t)]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise KvbenchError(f"configuration {sorted(dup)[0]} is listed twice"
+                               f"{'' if t is None else f' for task {t.key}'}; drop the duplicate")
     keys = [t.key for t in exp.tasks]
     dup = {x for x in keys if keys.count(x) > 1}
     if dup:
-        raise KvbenchError(f"task {sorted(dup)[0]} is listed twice; drop the duplicate or change its settings")
+        raise KvbenchError(f"task {sorted(dup)[0]} is listed twice; drop the duplicate or change its settings "
+                           "or protocol")
     for m in exp.models:
         check_model(m)
     tasks = exp.task_objects()
@@ -398,4 +454,4 @@ def validate(exp: Experiment, offline_check: bool = False) -> tuple[list, list]:
 
         if not torch.cuda.is_available():
             raise KvbenchError(f"device {exp.device}: no CUDA device here; use device: cpu (or --device cpu)")
-    return methods, tasks
+    return exp.all_method_objects(), tasks

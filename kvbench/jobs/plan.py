@@ -18,11 +18,11 @@ class Job:
 
 def plan(exp: Experiment, store: Store | None, shard: int = 8) -> tuple[list[Job], int, int]:
     """Jobs for what is not stored yet, plus (rows to compute, rows already stored)."""
-    n_configs = 1 + len([m for m in exp.method_objects() if m.name != "full"])
     jobs, todo, stored = [], 0, 0
     for model in exp.models:
         tasks = bound_tasks(exp, model)
         for i, (spec, task) in enumerate(zip(exp.tasks, tasks)):
+            n_configs = 1 + len([m for m in exp.method_objects(spec) if m.name != "full"])
             done = store.done(model, spec.key) if store else {}
             ids = []
             for s in task.samples(limit(exp, spec)):

