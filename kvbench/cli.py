@@ -315,8 +315,9 @@ def cmd_eval(args) -> None:
     if args.json:
         print(json.dumps(summary))
         return
+    protocol = "" if args.protocol == "strict" else f", protocol {args.protocol}"
     print(eval_table(f"{task.name} ({task.config.metric}), {len(rows) // max(1, len(summary))} samples, "
-                     f"model {args.model}", summary))
+                     f"model {args.model}{protocol}", summary))
 
 
 def _names(text: str | None, flag: str, example: str) -> list[str] | None:

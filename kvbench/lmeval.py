@@ -16,10 +16,10 @@ smollm2-135m), ``method`` (default ``full``), ``ratio`` / ``budget`` and any set
 Scoring is kvbench's own (`evaluate.SampleRun`). Under ``strict`` (the default) a request's context
 is prefilled but its last token, the cache compressed by the method, and the last token and the
 continuation go through the compressed cache, so every scored token sees only what was kept.
-Under ``after-prefill`` the whole context is prefilled and compressed, and the continuation's first
-token is scored from the full prefill (as the harness's own models plus end-of-prefill compression
-score it); under ``question-agnostic`` what comes before the last paragraph is compressed and the
-last paragraph (the question) enters uncompressed: it needs ``segments=paragraphs``.
+Under ``after-prefill`` the whole context is prefilled and compressed, the continuation's first
+token is scored from the full prefill and the rest through the compressed cache; under
+``question-agnostic`` what comes before the last paragraph is compressed and the last paragraph
+(the question) enters uncompressed: it needs ``segments=paragraphs``.
 - ``loglikelihood``: the continuation's summed log-probability and whether greedy decoding would
   produce it. Requests sharing a context (a question's options) share one prefill.
 - ``generate_until``: greedy (sampling is refused), stopping at EOS or any ``until`` string, at most

@@ -230,3 +230,20 @@ def read_text(tmp_path, text: str):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(text)
     return read(str(cfg))
+
+
+def test_methods_on_the_command_line_narrow_a_task_s_own_methods_too():
+    from kvbench.jobs.config import overridden
+
+    exp = parse(overridden(read("paper"), methods=["h2o", "snapkv"]))
+    by = {t.name: t for t in exp.tasks}
+    assert {m.name for m in exp.method_objects(by["mmlu"])} == {"h2o", "snapkv"}
+    longgen = exp.method_objects(by["longgen"])
+    assert {(m.name, m.decoding_ratio is not None) for m in longgen} == {("h2o", True), ("snapkv", False)}
+
+
+def test_scoring_multiple_choice_by_letter_is_part_of_its_tasks_keys():
+    """A run scored by generated letter must not resume from (or mix with) rows scored by log-likelihood."""
+    exp = parse({"methods": ["snapkv"], "mc": "letter", "protocol": "after-prefill", "tasks": ["mmlu", "gsm8k"]})
+    assert [t.key for t in exp.tasks] == ["mmlu@after-prefill@mc=letter", "gsm8k@after-prefill"]
+    assert [t.key for t in parse({"methods": ["snapkv"], "tasks": ["mmlu"]}).tasks] == ["mmlu"]

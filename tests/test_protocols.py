@@ -109,6 +109,13 @@ def test_question_agnostic_needs_a_question_with_something_before_it(setup):
     with pytest.raises(KvbenchError, match="needs a prompt with a question segment"):
         SampleRun(model, tok, None, none, [FULL], chat=False, protocol=QUESTION_AGNOSTIC)
     SampleRun(model, tok, None, none, [FULL], chat=False, protocol=AFTER_PREFILL)  # the others need none
+    from tokenizers.processors import TemplateProcessing
+
+    bos = words_tokenizer()  # a tokenizer that adds BOS: the question starts at 1, but BOS is not a part to compress
+    bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert bos("the cat")["input_ids"][0] == 1
+    with pytest.raises(KvbenchError, match="nothing comes before the question"):
+        SampleRun(model, bos, None, alone, [FULL], chat=False, protocol=QUESTION_AGNOSTIC)
     with pytest.raises(KvbenchError, match="protocol 'lazy': use one of strict, after-prefill, question-agnostic"):
         check_protocol("lazy")
     with pytest.raises(KvbenchError, match="protocol"):

@@ -333,3 +333,20 @@ def test_a_method_the_registry_does_not_know_is_told_apart_by_the_settings_that_
     series = {s["config"]: s["series"] for s in report.summarize(rows, n_boot=50)}
     assert series == {"mystery@0.3": "mystery[depth=1]", "mystery@0.6": "mystery[depth=1]",
                       "mystery@0.3[depth=2]": "mystery[depth=2]"}
+
+
+def test_views_pooling_an_ability_keep_protocols_apart():
+    from kvbench.report.summary import ability_of, pareto
+
+    def rec(config, method, protocol, dp, fraction):
+        return {"model": "m", "ability": "world knowledge", "config": config, "method": method, "protocol": protocol,
+                "dp_kind": "relative", "dp": dp, "cache_fraction": fraction}
+
+    summary = [rec("full", "full", "strict", 0.0, 1.0), rec("snapkv@0.1", "snapkv", "strict", -0.5, 0.1),
+               rec("full", "full", "after-prefill", 0.0, 1.0), rec("snapkv@0.1", "snapkv", "after-prefill", 0.0, 0.1)]
+    fronts = pareto(summary)
+    assert set(fronts) == {("m", "world knowledge"), ("m", "world knowledge @after-prefill")}
+    kept = {k: {p["config"]: p["retained"] for p in v} for k, v in fronts.items()}
+    assert kept[("m", "world knowledge")]["snapkv@0.1"] == 0.5  # not averaged with after-prefill's 1.0
+    assert kept[("m", "world knowledge @after-prefill")]["snapkv@0.1"] == 1.0
+    assert ability_of({"ability": "code"}) == "code"  # rows stored before protocols: strict

@@ -20,7 +20,7 @@ from kvbench.tasks import data
 
 
 def test_shipped_configs_are_found_by_name_and_listed_with_a_line_each(capsys):
-    assert shipped.config_names() == ["manyshot", "paper", "quick", "storage"]
+    assert shipped.config_names() == ["manyshot", "paper", "protocols", "quick", "storage"]
     assert config.read("quick") == config.read(str(shipped.config_path("quick")))
     assert main(["configs"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln[:1].isalpha() and not ln.startswith("run one")]
@@ -33,7 +33,7 @@ def test_shipped_configs_are_found_by_name_and_listed_with_a_line_each(capsys):
 def test_an_unknown_config_names_the_shipped_ones(capsys):
     assert main(["run", "no-such-config", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "config file no-such-config not found" in err and "manyshot, paper, quick, storage" in err
+    assert "config file no-such-config not found" in err and "manyshot, paper, protocols, quick, storage" in err
 
 
 def test_example_prompts_by_name(capsys):

@@ -4,7 +4,8 @@
 models: [smollm2-135m]
 methods: [snapkv, {name: shotkv, settings: {fit: stop}}]   # "full" is always run: it is the reference
 ratios: [0.1, 0.3]                                          # fraction kept; or budgets: [128]
-tasks: [mmlu, {name: gsm8k, settings: {shots: 4}, limit: 3, max_new_tokens: 128}]
+tasks: [mmlu, {name: gsm8k, settings: {shots: 4}, limit: 3, max_new_tokens: 128},
+        {name: longgen, methods: [{name: h2o, settings: {decoding_ratio: ratio}}, shotkv]}]  # a task's own methods
 limit: 10          # samples per task (the first N, fixed order)
 seed: 1234
 dtype: float32
@@ -61,13 +62,16 @@ class TaskSpec:
     chat: bool | None = None
     protocol: str = "strict"  # where compression happens (kvbench.evaluation.protocols)
     methods: tuple[MethodSpec, ...] | None = None  # this task's own methods (replacing the run's), or None
+    mc: str = "loglik"  # how a multiple-choice task is scored (the run's `mc`; "loglik" for other tasks)
 
     @property
     def key(self) -> str:
-        """The task, its settings and its protocol unless strict, e.g. "gsm8k[shots=4]@after-prefill": rows of
-        different settings or protocols never mix (and strict rows keep the identity they had before protocols)."""
+        """The task, its settings, its protocol unless strict and its multiple-choice scoring unless by
+        log-likelihood, e.g. "gsm8k[shots=4]@after-prefill", "mmlu@mc=letter": rows measured differently never mix
+        (and rows of the defaults keep the identity they had before these were settings)."""
         extra = ",".join(f"{k}={_show(v)}" for k, v in sorted(self.settings.items()))
-        return self.name + (f"[{extra}]" if extra else "") + ("" if self.protocol == "strict" else f"@{self.protocol}")
+        return (self.name + (f"[{extra}]" if extra else "") + ("" if self.protocol == "strict" else f"@{self.protocol}")
+                + ("" if self.mc == "loglik" else f"@mc={self.mc}"))
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,14 @@ def _budgets(where: str, v) -> tuple[int, ...]:
     return tuple(_whole(where, "budget", b) for b in _list(where, "budgets", v))
 
 
+def _multiple_choice(name: str) -> bool:
+    """Whether the registered task `name` is scored as multiple choice (an unknown name fails later, in `validate`)."""
+    from kvbench.tasks import TASKS
+
+    cls = TASKS.get(name)
+    return cls is not None and cls.config.output == "multiple_choice"
+
+
 def _method_specs(where: str, items, prefix: str = "") -> tuple[MethodSpec, ...]:
     methods = []
     for item in _list(where, "methods", items):
@@ -236,6 +248,9 @@ def parse(data, where: str = "config") -> Experiment:
     if not all(isinstance(m, str) for m in models):
         raise _fail(where, "models are names (aliases, directories, .gguf files or hub ids)")
     methods = _method_specs(where, data.get("methods"))
+    mc = data.get("mc", "loglik")
+    if mc not in ("loglik", "letter"):
+        raise _fail(where, f"mc {mc!r}: use loglik (option log-likelihood) or letter (generated letter)")
     tasks = []
     protocols = _protocols(where, "protocol", data.get("protocol", "strict"))
     for item in _list(where, "tasks", data.get("tasks")):
@@ -251,7 +266,7 @@ def parse(data, where: str = "config") -> Experiment:
             tasks.append(TaskSpec(e["name"], dict(e.get("settings") or {}),
                                   _whole(where, "limit", e.get("limit"), none_ok=True),
                                   _whole(where, "max_new_tokens", e.get("max_new_tokens"), none_ok=True), chat,
-                                  protocol, own))
+                                  protocol, own, mc if _multiple_choice(e["name"]) else "loglik"))
     if not methods:
         raise _fail(where, "no methods: list at least one, e.g. methods: [snapkv, shotkv]")
     if not tasks:
@@ -261,9 +276,6 @@ def parse(data, where: str = "config") -> Experiment:
     dtype = data.get("dtype", "float32")
     if dtype not in DTYPES:
         raise _fail(where, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    mc = data.get("mc", "loglik")
-    if mc not in ("loglik", "letter"):
-        raise _fail(where, f"mc {mc!r}: use loglik (option log-likelihood) or letter (generated letter)")
     executor = data.get("executor", "local")
     if executor not in ("local", "ray"):
         raise _fail(where, f"executor {executor!r}: use local or ray")
@@ -287,8 +299,8 @@ def overridden(data: dict, models: list[str] | None = None, methods: list[str] |
                tasks: list[str] | None = None, ratios: list[float] | None = None, budgets: list[int] | None = None,
                protocol: list[str] | None = None, **scalars) -> dict:
     """A config's data with a command line's overrides (None: not overridden). Named methods and tasks keep the
-    settings the config gives them; ratios alone drop the config's budgets and budgets alone its ratios; protocols
-    replace every task's (its own included)."""
+    settings the config gives them (a task's own methods are narrowed the same way); ratios alone drop the config's
+    budgets and budgets alone its ratios; protocols replace every task's (its own included)."""
     data = dict(data)
     if protocol is not None:
         data["protocol"] = protocol
@@ -296,10 +308,13 @@ def overridden(data: dict, models: list[str] | None = None, methods: list[str] |
                          for e in _list("config", "tasks", data.get("tasks"))]
     if models is not None:
         data["models"] = models
-    if methods is not None:
-        data["methods"] = _pick(_list("config", "methods", data.get("methods")), methods)
     if tasks is not None:
         data["tasks"] = _pick(_list("config", "tasks", data.get("tasks")), tasks)
+    if methods is not None:  # the run's and each task's own: the named methods, each with the settings given there
+        data["methods"] = _pick(_list("config", "methods", data.get("methods")), methods)
+        data["tasks"] = [{**e, "methods": _pick(_list("config", "methods", e["methods"]), methods)}
+                         if isinstance(e, dict) and "methods" in e else e
+                         for e in _list("config", "tasks", data.get("tasks"))]
     if ratios is not None:
         data["ratios"] = ratios
         if budgets is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvbench.report.summary import pareto
+from kvbench.report.summary import ability_of, pareto
 from kvbench.tasks.base import ABILITIES
 
 Item = tuple[str, Path | None, str]  # (title, PNG or None, message where nothing was drawn)
@@ -101,13 +101,13 @@ def _plot_heatmaps(plots: Plots, summary: list[dict]) -> None:
     for ratio in sorted({s["ratio"] for s in rel}, reverse=True):
         cells = [s for s in rel if s["ratio"] == ratio]
         series = sorted({s["series"] for s in cells})
-        abilities = sorted({s["ability"] for s in cells}, key=lambda a: (order.get(a, len(order)), a))
+        abilities = sorted({ability_of(s) for s in cells}, key=lambda a: (order.get(a.split(" @")[0], len(order)), a))
         grid = np.full((len(series), len(abilities)), np.nan)
         fig, (ax,) = plots.figure(height=1.2 + 0.45 * len(series))
         marks = {}
         for i, m in enumerate(series):
             for j, a in enumerate(abilities):
-                here = [s for s in cells if s["series"] == m and s["ability"] == a]
+                here = [s for s in cells if s["series"] == m and ability_of(s) == a]
                 if here:
                     grid[i, j] = np.mean([s["dp"] for s in here])
                     sig = [bool(s["dp_significant"]) for s in here]

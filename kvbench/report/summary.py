@@ -213,15 +213,23 @@ def _mark_best(summary: list[dict], groups: dict, n_boot: int, seed: int) -> Non
 
 # ---------------------------------------------------------------- Pareto
 
+def ability_of(s: dict) -> str:
+    """A record's ability, with its protocol when not strict ("world knowledge @after-prefill"): views that pool
+    an ability's tasks must not pool protocols."""
+    protocol = s.get("protocol") or "strict"
+    return s["ability"] if protocol == "strict" else f"{s['ability']} @{protocol}"
+
+
 def pareto(summary: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Per (model, ability): configs on the frontier of retained score (1 + ΔP, mean over the ability's tasks)
-    against bytes saved (1 - cache fraction); full sits at (1, 0). Absolute ΔPs (full scored 0) are left out."""
+    """Per (model, ability and protocol, `ability_of`): configs on the frontier of retained score (1 + ΔP, mean
+    over the ability's tasks) against bytes saved (1 - cache fraction); full sits at (1, 0). Absolute ΔPs (full
+    scored 0) are left out."""
     points: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for s in summary:
         if s["method"] == "full":
-            points[(s["model"], s["ability"])][s["config"]].append((1.0, 0.0))
+            points[(s["model"], ability_of(s))][s["config"]].append((1.0, 0.0))
         elif s["dp_kind"] == "relative" and not math.isnan(s["cache_fraction"]):
-            points[(s["model"], s["ability"])][s["config"]].append((1.0 + s["dp"], 1.0 - s["cache_fraction"]))
+            points[(s["model"], ability_of(s))][s["config"]].append((1.0 + s["dp"], 1.0 - s["cache_fraction"]))
     # An ability where only full has a point (its full cache scores 0: no relative ΔP) has no frontier to show.
     return {key: frontier([{"config": c, "retained": float(np.mean([p[0] for p in ps])),
                             "saved": float(np.mean([p[1] for p in ps]))} for c, ps in by_config.items()])
