@@ -56,7 +56,8 @@ def main() -> None:
             total[bs] += secs[bs]
         checks = [_same(a, b) for a, b in zip(rows[1], rows[args.batch_size])]
         rec = {"task": spec.key, "results": len(rows[1]), "speedup": secs[1] / secs[args.batch_size],
-               "rows_differing": sum(not e for e, _ in checks), "fidelity_beyond_1e-4": sum(not f for _, f in checks)}
+               "rows_differing": sum(not e for e, _ in checks), "fidelity_beyond_1e-4": sum(not f for _, f in checks),
+               "seconds": {"batch_1": secs[1], "batched": secs[args.batch_size]}}
         out.append(rec)
         print(f"{rec['task']:<28} {rec['results']:>4} results  batched {rec['speedup']:.2f}x the results/min of "
               f"batch 1  rows differing: {rec['rows_differing']}  KL/ΔNLL beyond 1e-4: {rec['fidelity_beyond_1e-4']}",
@@ -66,7 +67,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "limit": args.limit, "batch_size": args.batch_size,
-                       "overall_speedup": overall, "tasks": out}, f, indent=1)
+                       "overall_speedup": overall,
+                       "seconds": {"batch_1": total[1], "batched": total[args.batch_size]}, "tasks": out}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 On the six test architectures (tiny random models over a 24-word fast tokenizer), a multiple-choice
 and a generation task whose samples differ in length, methods whose caches stack with any other (compression
-over after prefill, dense storage), methods that stack only with their own configuration (decoding budgets)
-and methods that must run alone (storage codecs): same answers, scores, kept tokens and bytes; KL and ΔNLL
+over after prefill, dense storage), methods that stack only with their own configuration (decoding budgets, KIVI)
+and methods that must run alone (other storage codecs): same answers, scores, kept tokens and bytes; KL and ΔNLL
 within 1e-4 (float reductions over a padded batch differ in the last bits).
 """
 
@@ -72,9 +72,14 @@ STACKED = [make_method(n, ratio=0.5) for n in ("snapkv", "streamingllm", "h2o", 
 SAME_CONFIG = [make_method("shotkv", ratio=0.5),  # compresses generated tokens: stacks with its own configuration
                make_method("h2o", ratio=0.5, decoding_budget=4, decoding_every=3),
                make_method("streamingllm", ratio=0.5, decoding_budget=40)]
-ALONE = [make_method("kivi", group_size=8, residual=16),  # a storage codec
-         make_method("snapkv+kivi", ratio=0.5, group_size=8, residual=16)]
-METHODS = STACKED + SAME_CONFIG + ALONE
+# KIVI over every token: rows of one KIVI configuration stack (each quantized by its own slot count, `KiviRows`)
+KIVI = [make_method("kivi", group_size=8, residual=16),
+        make_method("snapkv+kivi", ratio=0.5, group_size=8, residual=16),
+        make_method("kivi", bits=4, group_size=8, residual=16)]
+KIVI_KEYS = {("kivi", 2, 8, 16), ("kivi", 4, 8, 16)}
+ALONE = [make_method("lowrank", ratio=0.5),  # a storage codec that does not stack
+         make_method("h2o+kivi", ratio=0.5, decoding_budget=40, group_size=8, residual=16)]  # KIVI of the prompt only
+METHODS = STACKED + SAME_CONFIG + KIVI + ALONE
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +115,9 @@ def test_batched_rows_equal_one_at_a_time(arch, task_cls, protocol, words, monke
     assert any(len({seen for _, seen in s}) == 3 for s in stacks)  # rows of three samples (lengths) in one batch
     for m in SAME_CONFIG:  # decoding budgets: all three samples in one stack, nothing else in it
         assert [{m}, 3 * options] in [[{k for k, _ in s}, len(s)] for s in stacks if any(k == m for k, _ in s)]
-    assert {k for s in stacks for k, _ in s} == {"append", *SAME_CONFIG}  # and no storage codec
+    assert {k for s in stacks for k, _ in s} == {"append", *SAME_CONFIG, *KIVI_KEYS}  # and no other codec
+    # KIVI: the 2-bit configurations (kivi, snapkv+kivi) of all three samples in one stack
+    assert [{("kivi", 2, 8, 16)}, 6 * options] in [[{k for k, _ in s}, len(s)] for s in stacks]
     if task_cls is WordsGen and arch == "llama":  # rows that were done left the batch
         assert selects and all(0 < k < 6 for k in selects), selects
     assert [(r.sample, r.config, r.protocol) for r in batched] == [(r.sample, r.config, protocol) for r in reference]
@@ -149,10 +156,17 @@ def test_stacking_refuses_what_would_decode_wrongly(words):
         KVCache.stack(model.config, [run.cache(FULL), shot])
     with pytest.raises(KvbenchError, match="stack only with the same configuration"):
         KVCache.stack(model.config, [run.cache(SAME_CONFIG[1]), shot])
-    kivi = run.cache(ALONE[0])
-    assert "storage codec" in kivi.why_not_stackable()
-    with pytest.raises(KvbenchError, match="storage codec"):
-        KVCache.stack(model.config, [run.cache(FULL), kivi])
+    for m in ALONE:  # low rank; KIVI of the prompt only, generated tokens evicted
+        cache = run.cache(m)
+        assert "storage codec" in cache.why_not_stackable()
+        with pytest.raises(KvbenchError, match="storage codec"):
+            KVCache.stack(model.config, [run.cache(FULL), cache])
+    kivi = [run.cache(m) for m in KIVI]
+    assert kivi[0].why_not_stackable() is None and kivi[0].stack_key() == kivi[1].stack_key() != kivi[2].stack_key()
+    with pytest.raises(KvbenchError, match="same configuration"):
+        KVCache.stack(model.config, [run.cache(FULL), kivi[0]])
+    with pytest.raises(KvbenchError, match="same configuration"):
+        KVCache.stack(model.config, [kivi[0], kivi[2]])
 
 
 def test_a_stacked_row_holds_its_own_slots_left_padded(words):

@@ -138,6 +138,90 @@ def test_kivi_prompt_only_leaves_generated_tokens_in_full_precision():
 
 # --- low rank ---------------------------------------------------------------------------------------
 
+def kivi_rows(lengths, bits, dtype, g, filler=False):
+    """One-row layers held by KIVI stores (H 2, D 8, G 4, R 8), prompts of `lengths`; with `filler`, the second row
+    evicts first: its heads keep 5 and 7 slots (fewer than a block), so its first two slots are filler in head 0."""
+    rows = []
+    for i, n in enumerate(lengths):
+        k, v = torch.randn(1, 2, n, 8, generator=g, dtype=dtype), torch.randn(1, 2, n, 8, generator=g, dtype=dtype)
+        if filler and i == 1:
+            layer = layer_with(k, v)
+            mask = torch.ones(1, 2, n, dtype=torch.bool)
+            mask[0, 0, :n - 5], mask[0, 1, :n - 7] = False, False
+            layer.keep(mask)
+            layer.n_prefill_slots, layer.prefill_kept = layer.stored_length(), layer.kept_tokens()
+            layer.codec = Kivi(bits, 4, 8)
+            layer.park()
+        else:
+            layer = layer_with(k, v, Kivi(bits, 4, 8))
+        rows.append(layer)
+    return rows
+
+
+def same_as_alone(stacked, rows, feeds, g, dtype):
+    """Feed the stack and each row alone the same new keys and values, pass by pass; after every pass each stacked
+    row's slots equal, bit for bit, what its own store gives attention (`Kivi.load`)."""
+    for q in feeds:
+        k = torch.randn(len(rows), 2, q, 8, generator=g, dtype=dtype)
+        v = torch.randn(len(rows), 2, q, 8, generator=g, dtype=dtype)
+        step(stacked, k, v)
+        for b, layer in enumerate(rows):
+            step(layer, k[b:b + 1], v[b:b + 1])
+            want_k, want_v = layer.codec.load(layer)
+            n = want_k.shape[2]
+            assert torch.equal(stacked.keys[b:b + 1, :, -n:], want_k), (q, b)
+            assert torch.equal(stacked.values[b:b + 1, :, -n:], want_v), (q, b)
+    assert stacked.rows_codec.n_k == [layer.codec.n_k for layer in rows]
+    assert stacked.rows_codec.n_v == [layer.codec.n_v for layer in rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_rows_of_a_stack_hold_what_each_store_gives_attention(bits, dtype):
+    """Three KIVI rows of different lengths (one with filler slots: its heads kept different counts) stacked, then
+    fed the same new keys and values as each alone: a few slots at once, a pass completing two key blocks, then one a
+    step, values leaving the residual (the filler row's first key block, filler included, completes while
+    decoding); then two rows leave the batch, as finished rows do, and the rest go on."""
+    from kvbench.engine.storage.quantized import KiviRows
+
+    g = torch.Generator().manual_seed(bits)
+    rows = kivi_rows((13, 21, 30), bits, dtype, g, filler=True)
+    feeds = [3, 20, 2] + [1] * 12  # the 20: two key blocks at once
+    bytes_after = [layer.nbytes_after(sum(feeds)) for layer in rows]  # what each will hold once they are fed
+    stacked = CompressedLayer()
+    stacked.stack_rows(rows)
+    assert isinstance(stacked.rows_codec, KiviRows) and stacked.codec is None and stacked.keys.dtype == dtype
+    assert stacked.stored_length() == 30 and stacked.rows_codec.starts == [17, 23, 0]  # left-padded to the longest
+    same_as_alone(stacked, rows, feeds, g, dtype)
+    assert min(stacked.rows_codec.n_k) >= 3 * 8 and rows[1].codec.k_min.shape[2] == 10  # filler row: 40 keys
+    assert [layer.nbytes() for layer in rows] == bytes_after  # the store's size rule, as `nbytes_after` counts it
+    stacked.batch_select_indices(torch.tensor([2, 0]))  # rows that finished leave: the rest keep their own counts
+    assert stacked.rows_codec.starts == [0, 17]
+    same_as_alone(stacked, [rows[2], rows[0]], [1] * 10, g, dtype)
+
+
+def test_kivi_rows_of_equal_lengths_and_a_stack_repeated():
+    """Rows of one length (no filler at all: the stack's fast path, no validity mask) still quantize as alone, and
+    so do rows of which only some have values leaving the residual; a one-row stack repeated (one row per option)
+    gives every copy the row's own state."""
+    g = torch.Generator().manual_seed(7)
+    rows = kivi_rows((12, 12), 2, torch.float32, g)
+    stacked = CompressedLayer()
+    stacked.stack_rows(rows)
+    assert stacked.all_valid and stacked.rows_codec.starts == [0, 0]
+    same_as_alone(stacked, rows, [1] * 14, g, torch.float32)
+    rows = kivi_rows((12, 5), 2, torch.float32, g)  # the shorter row's values stay in the residual for 3 more steps
+    stacked = CompressedLayer()
+    stacked.stack_rows(rows)
+    same_as_alone(stacked, rows, [1] * 6, g, torch.float32)
+    copies = [kivi_rows((10,), 2, torch.float32, torch.Generator().manual_seed(11))[0] for _ in range(4)]
+    stacked = CompressedLayer()
+    stacked.stack_rows(copies[:1])
+    stacked.expand_batch(3)  # views of one row; each then takes its own tokens
+    assert stacked.rows_codec.starts == [0] * 3 and stacked.rows_codec.n_k == [copies[0].codec.n_k] * 3
+    same_as_alone(stacked, copies[1:], [2] + [1] * 12, g, torch.float32)
+
+
 def test_lowrank_basis_and_error_match_numpy_svd():
     """A crafted 6 x 4 matrix with singular values 10, 5, 1, 0.1: rank 2 keeps the top two right
     singular vectors, and the reconstruction error is sqrt(1 + 0.01) (Eckart-Young)."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvbench.engine.storage.quantized import Kivi, KiviRows
 from kvbench.errors import KvbenchError
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class CompressedLayer(DynamicLayer):
         self.accumulated: torch.Tensor | None = None  # (B, Hk, T) attention received (H2O), if tracked
         self.captured: dict | None = None  # what scoring needs, when the cache captures (prefill.py)
         self.codec: Codec | None = None  # compact storage between forward passes; None: dense tensors
+        self.rows_codec: KiviRows | None = None  # a stack of rows held by KIVI stores, dense (`stack_rows`)
         self.heads = self.k_dim = self.v_dim = 0  # shape of one slot, recorded at the first update
         self._buffers: dict[str, torch.Tensor] = {}  # growing storage that decoding appends into (`_append`)
 
@@ -139,6 +141,8 @@ class CompressedLayer(DynamicLayer):
         self._buffers.clear()  # new tensors: the old buffer's memory goes now, not at the next append
         if self.codec is not None:
             self.codec.select(self, indices)
+        if self.rows_codec is not None:
+            self.rows_codec.select(indices)
         for name in ("keys", "values", "pos", "valid", "accumulated", "prefill_kept"):
             t = getattr(self, name)
             if t is not None:
@@ -150,6 +154,8 @@ class CompressedLayer(DynamicLayer):
         self._buffers.clear()
         if self.codec is not None:
             self.codec.expand(self, n)
+        if self.rows_codec is not None:
+            self.rows_codec.expand(n)
         for name in ("keys", "values", "pos", "valid", "prefill_kept"):
             t = getattr(self, name)
             if t is not None:
@@ -172,6 +178,8 @@ class CompressedLayer(DynamicLayer):
             frozen = self.n_prefill_slots if self.codec.prompt_only else self.stored_length()
             self.codec.store(self, frozen)
             self.keys = self.values = None  # the codec holds its own copies; dropping the dense ones saves the bytes
+        elif self.rows_codec is not None and self.keys is not None:
+            self.rows_codec.apply(self)
 
     def stored_length(self) -> int:
         return 0 if self.pos is None else self.pos.shape[-1]
@@ -260,8 +268,13 @@ class CompressedLayer(DynamicLayer):
         self.seen = seen
         self._buffers.clear()
         self.n_prompt = None if first.n_prompt is None else seen + (first.n_prompt - first.seen)
-        self.keys = torch.cat([left(r.keys, T - r.stored_length()) for r in rows])
-        self.values = torch.cat([left(r.values, T - r.stored_length()) for r in rows])
+        # Rows held by KIVI stores enter dense, as their stores give attention the slots (`KiviRows`).
+        dense = [(r.keys, r.values) if r.codec is None else r.codec.load(r) for r in rows]
+        self.keys = torch.cat([left(k, T - r.stored_length()) for (k, _), r in zip(dense, rows)])
+        self.values = torch.cat([left(v, T - r.stored_length()) for (_, v), r in zip(dense, rows)])
+        self.rows_codec = None
+        if first.codec is not None:
+            self.rows_codec = KiviRows.stack([r.codec for r in rows], [T - r.stored_length() for r in rows])
         self.pos = torch.cat([left(r.pos + (seen - r.seen), T - r.stored_length()) for r in rows])
         self.valid = torch.cat([left(r.valid.expand(-1, hv, -1), T - r.stored_length()) for r in rows])
         self.all_valid = all(r.all_valid and r.stored_length() == T for r in rows)
@@ -271,11 +284,14 @@ class CompressedLayer(DynamicLayer):
             self.accumulated = torch.cat([left(r.accumulated, T - r.stored_length()) for r in rows])
 
     def nbytes_after(self, fed: int) -> int:
-        """`nbytes` once `fed` more slots are held (dense storage): what a row of a stacked batch would hold had
-        it been decoded alone (`KVCache.nbytes_after` counts the slots a decoding budget leaves)."""
-        if self.codec is not None or self.keys is None:
-            raise KvbenchError("nbytes_after needs a dense layer that only appends")
+        """`nbytes` once `fed` more slots are held (dense storage, or a KIVI store's rule): what a row of a stacked
+        batch would hold had it been decoded alone (`KVCache.nbytes_after` counts the slots a decoding budget
+        leaves)."""
         slots = self._held(self.stored_length(), fed)
+        if isinstance(self.codec, Kivi) and not self.codec.prompt_only:  # a row that stacks (`KiviRows`)
+            return self.pos.shape[0] * self.codec.bytes_for(slots, self.heads, self.k_dim, self.dtype)
+        if self.codec is not None or self.keys is None:
+            raise KvbenchError("nbytes_after needs a dense layer that only appends, or one held by KIVI")
         return self.keys.shape[0] * self.heads * slots * (self.k_dim + self.v_dim) * self.keys.element_size()
 
     def full_nbytes_after(self, fed: int) -> int:
@@ -383,8 +399,9 @@ class KVCache(Cache):
         own slots (right-aligned, invalid filler on the left), so each row attends to what it would alone; the
         caller gives each row its own position ids. Caches whose method compresses generated tokens stack only
         with caches of the very same configuration (`stack_key`): the batch then evicts as each would alone (the
-        same budget at the same step in every row, each row choosing its own tokens). Storage codecs do not
-        stack. The caches themselves are left as they are."""
+        same budget at the same step in every row, each row choosing its own tokens). Caches held by KIVI over every
+        token stack with the same KIVI configuration's: the batch holds them dense, quantized row by row as each
+        store would (`KiviRows`); other storage codecs do not stack. The caches themselves are left as they are."""
         keys = set()
         for c in caches:
             problem = c.why_not_stackable()
@@ -392,7 +409,8 @@ class KVCache(Cache):
                 raise KvbenchError(problem)
             keys.add(c.stack_key())
         if len(keys) > 1:
-            raise KvbenchError("caches that compress generated tokens stack only with the same configuration's")
+            raise KvbenchError("caches that compress generated tokens or are held by KIVI stack only with the same "
+                               "configuration's")
         method = caches[0].method if caches[0].method is not None and caches[0].method.compresses_decoding else None
         out = cls(config, method, [row for c in caches for row in (c.segments or [[]])])
         for i, layer in enumerate(out.layers):
@@ -401,14 +419,19 @@ class KVCache(Cache):
 
     def stack_key(self) -> object:
         """Caches with equal keys can be rows of one `stack`: any that only append, or one configuration that
-        compresses generated tokens (its decoding budget is applied to the whole batch at once)."""
+        compresses generated tokens (its decoding budget is applied to the whole batch at once), or those held by
+        one KIVI configuration (bits, group size, residual)."""
         m = self.method
+        store = next((layer.codec for layer in self.layers if layer.codec is not None), None)
+        if isinstance(store, Kivi):  # KIVI rows: with the same KIVI configuration's (others do not stack)
+            return ("kivi", store.bits, store.G, store.R)
         return m if m is not None and m.compresses_decoding else "append"
 
     def why_not_stackable(self) -> str | None:
         """Why this cache cannot be a row of `stack` (one line with the fix), or None when it can."""
-        if any(layer.codec is not None for layer in self.layers):
-            return "a cache held by a storage codec cannot be stacked; decode it alone"
+        codecs = [layer.codec for layer in self.layers if layer.codec is not None]
+        if any(not isinstance(c, Kivi) or c.prompt_only for c in codecs):
+            return "a cache held by a storage codec other than KIVI over every token cannot be stacked; decode it alone"
         if any(layer.pos is not None and layer.pos.shape[0] != 1 for layer in self.layers):
             return "only one-row caches can be stacked"
         return None

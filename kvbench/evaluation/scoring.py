@@ -183,9 +183,9 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
     the full cache's stored answer or None) of `work`, that sample's rows, the full cache first.
 
     Each sample is prefilled once and its configurations' caches built from that prefill. With `batch_size` > 1
-    the caches that stack (`KVCache.stack`: dense storage; those compressing generated tokens only with the same
-    configuration's) are answered and scored as rows of batches of up to `batch_size` (sample, configuration)
-    pairs (multiple choice: each times its options) within `max_batch_tokens`, rows of several samples
+    the caches that stack (`KVCache.stack`: dense storage; those compressing generated tokens, or held by KIVI,
+    only with the same configuration's) are answered and scored as rows of batches of up to `batch_size` (sample,
+    configuration) pairs (multiple choice: each times its options) within `max_batch_tokens`, rows of several samples
     together; the others, and all of them at 1, one at a time. Fidelity is measured against the full cache:
     when `full` is not among a sample's configurations (a resumed run that stored it already), its stored
     answer is the reference for `agree`. `protocol`: where compression happens (`evaluation.protocols`).

@@ -128,6 +128,90 @@ class Kivi(Codec):
             out.append(buf)
         return out[0], out[1]
 
+    def bytes_for(self, n: int, heads: int, dim: int, dtype: torch.dtype) -> int:
+        """Bytes this store holds for one row once it holds `n` slots (`Kivi.store`'s rule, `kivi_bytes`)."""
+        return kivi_bytes(n, heads, dim, dtype, self.bits, self.G, self.R)
+
+
+class KiviRows:
+    """KIVI for the rows of a stack (`CompressedLayer.stack_rows`): each row was a one-row cache held by a `Kivi`
+    store; here it is dense, its quantized slots holding their dequantized values (what `Kivi.load` gives
+    attention, bit for bit: the same arithmetic in the cache's dtype), and `apply` (after each pass, where `Kivi.store`
+    runs) quantizes in place what the row's store would have quantized by then, by the row's own slot count. So
+    each row attends to what it would alone, and rows of several samples decode as one batch.
+
+    `starts[b]`: the stack slot where row b's own slots begin (the filler before it is left padding); `n_k[b]`,
+    `n_v[b]`: its keys and values quantized so far, in its own slots."""
+
+    def __init__(self, bits: int, group_size: int, residual: int, starts: list[int], n_k: list[int], n_v: list[int]):
+        self.bits, self.G, self.R = bits, group_size, residual
+        self.starts, self.n_k, self.n_v = starts, n_k, n_v
+
+    @classmethod
+    def stack(cls, stores: list[Kivi], starts: list[int]) -> KiviRows:
+        s = stores[0]
+        if any((k.bits, k.G, k.R, k.prompt_only) != (s.bits, s.G, s.R, False) for k in stores):
+            raise KvbenchError("only KIVI stores of one configuration that quantize every token stack")
+        return cls(s.bits, s.G, s.R, list(starts), [k.n_k for k in stores], [k.n_v for k in stores])
+
+    def select(self, indices: torch.Tensor) -> None:
+        i = indices.tolist()
+        self.starts, self.n_k, self.n_v = ([x[j] for j in i] for x in (self.starts, self.n_k, self.n_v))
+
+    def apply(self, layer) -> None:
+        keys, values, T = layer.keys, layer.values, layer.stored_length()
+        G, R, b = self.G, self.R, self.bits
+        B, H, _, D = keys.shape
+        one = []  # rows whose quantized values grow by one slot (every decoding step): done together
+        for r, s in enumerate(self.starts):
+            n = T - s  # the row's own slots
+            n_k = n - n % R
+            if n_k > self.n_k[r]:  # a block of R keys completed: quantized per channel, G tokens a group
+                a, e = s + self.n_k[r], s + n_k
+                x = keys[r:r + 1, :, a:e].reshape(1, H, -1, G, D)
+                ok = None if layer.all_valid else layer.valid[r:r + 1, :, a:e].reshape(1, -1, x.shape[2], G, 1)
+                codes, scale, mn = quantize(x, b, dim=3, valid=ok)
+                keys[r:r + 1, :, a:e] = _dequantized(codes, scale, mn, keys.dtype).view(1, H, e - a, D)
+                self.n_k[r] = n_k
+            n_v = max(self.n_v[r], n - R)
+            if n_v == self.n_v[r] + 1:
+                one.append(r)
+            elif n_v > self.n_v[r]:  # values per token, G channels a group: the oldest beyond the residual
+                a, e = s + self.n_v[r], s + n_v
+                codes, scale, mn = quantize(values[r:r + 1, :, a:e].reshape(1, H, e - a, D // G, G), b, dim=4)
+                values[r:r + 1, :, a:e] = _dequantized(codes, scale, mn, values.dtype).view(1, H, e - a, D)
+            self.n_v[r] = n_v
+        # Rows are right-aligned, so each such row's value leaving the residual sits in one column, T - R - 1: all
+        # rows at once by slicing (no index tensor: on CUDA, building one from a list would wait for the device).
+        col = T - R - 1
+        for lo, hi in _runs(one) if len(one) < B else [(0, B)]:
+            x = values[lo:hi, :, col]  # (rows, H, D)
+            codes, scale, mn = quantize(x.reshape(hi - lo, H, D // G, G), b, dim=3)
+            values[lo:hi, :, col] = _dequantized(codes, scale, mn, values.dtype).view(hi - lo, H, D)
+
+    def expand(self, n: int) -> None:
+        """A one-row stack repeated `n` times (`CompressedLayer.expand_batch`)."""
+        if len(self.starts) != 1:
+            raise KvbenchError("only a one-row stack can be expanded")
+        self.starts, self.n_k, self.n_v = self.starts * n, self.n_k * n, self.n_v * n
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row indices as [lo, hi) runs of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
+def _dequantized(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What `Kivi.load` writes for these codes: scale and min rounded to the cache's dtype as the store keeps them,
+    then code * scale + min in that dtype."""
+    return codes.to(dtype).mul_(scale.to(dtype)).add_(mn.to(dtype))
+
 
 def kivi_bytes(n: int, heads: int, dim: int, dtype: torch.dtype, bits: int, group_size: int, residual: int) -> int:
     """Bytes one row of `n` tokens holds in one layer under KIVI (the rule `Kivi.store` follows)."""
