@@ -258,15 +258,16 @@ def parse(data, where: str = "config") -> Experiment:
         chat = e.get("chat")
         if chat is not None and not isinstance(chat, bool):
             raise _fail(where, f"task {e['name']!r}: chat must be true or false")
+        own = _method_specs(where, e["methods"], f"task {e['name']!r}: ") if "methods" in e else None
+        if own == ():
+            raise _fail(where, f"task {e['name']!r}: methods is empty; list at least one or drop the key")
+        limit = _whole(where, "limit", e.get("limit"), none_ok=True)
+        max_new = _whole(where, "max_new_tokens", e.get("max_new_tokens"), none_ok=True)
+        task_mc = mc if _multiple_choice(e["name"]) else "loglik"
         for protocol in _protocols(where, f"task {e['name']!r}: protocol", e["protocol"]) if "protocol" in e \
-                else protocols:
-            own = _method_specs(where, e["methods"], f"task {e['name']!r}: ") if "methods" in e else None
-            if own == ():
-                raise _fail(where, f"task {e['name']!r}: methods is empty; list at least one or drop the key")
-            tasks.append(TaskSpec(e["name"], dict(e.get("settings") or {}),
-                                  _whole(where, "limit", e.get("limit"), none_ok=True),
-                                  _whole(where, "max_new_tokens", e.get("max_new_tokens"), none_ok=True), chat,
-                                  protocol, own, mc if _multiple_choice(e["name"]) else "loglik"))
+                else protocols:  # one spec per protocol, parsed once
+            tasks.append(TaskSpec(e["name"], dict(e.get("settings") or {}), limit, max_new, chat, protocol, own,
+                                  task_mc))
     if not methods:
         raise _fail(where, "no methods: list at least one, e.g. methods: [snapkv, shotkv]")
     if not tasks:

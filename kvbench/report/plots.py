@@ -101,7 +101,8 @@ def _plot_heatmaps(plots: Plots, summary: list[dict]) -> None:
     for ratio in sorted({s["ratio"] for s in rel}, reverse=True):
         cells = [s for s in rel if s["ratio"] == ratio]
         series = sorted({s["series"] for s in cells})
-        abilities = sorted({ability_of(s) for s in cells}, key=lambda a: (order.get(a.split(" @")[0], len(order)), a))
+        base = {ability_of(s): s["ability"] for s in cells}  # "world knowledge @after-prefill" -> "world knowledge"
+        abilities = sorted(base, key=lambda a: (order.get(base[a], len(order)), a))
         grid = np.full((len(series), len(abilities)), np.nan)
         fig, (ax,) = plots.figure(height=1.2 + 0.45 * len(series))
         marks = {}
