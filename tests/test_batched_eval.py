@@ -69,9 +69,15 @@ class WordsGen(WordsMC):
 STACKED = [make_method(n, ratio=0.5) for n in ("snapkv", "streamingllm", "h2o", "pyramidkv", "chunkkv", "random",
                                                "pyramidinfer")] + \
           [make_method("snapkv", ratio=0.3), make_method("shotkv", ratio=0.4, prefill_only=True)]
-SAME_CONFIG = [make_method("shotkv", ratio=0.5),  # compresses generated tokens: stacks with its own configuration
+# Compress generated tokens: stack with their own decoding family's (the same method and settings but the budgets),
+# each row its own budget: ShotKV at two decoding ratios; H2O at two prefill ratios, one decoding budget; StreamingLLM
+# at two decoding budgets (its recent window is its budget).
+SAME_CONFIG = [make_method("shotkv", ratio=0.5), make_method("shotkv", ratio=0.3),
                make_method("h2o", ratio=0.5, decoding_budget=4, decoding_every=3),
-               make_method("streamingllm", ratio=0.5, decoding_budget=40)]
+               make_method("h2o", ratio=0.3, decoding_budget=4, decoding_every=3),
+               make_method("streamingllm", ratio=0.5, decoding_budget=6),
+               make_method("streamingllm", ratio=0.5, decoding_budget=3)]
+FAMILIES = {("decoding", m.decoding_family) for m in SAME_CONFIG}
 # KIVI over every token: rows of one KIVI configuration stack (each quantized by its own slot count, `KiviRows`)
 KIVI = [make_method("kivi", group_size=8, residual=16),
         make_method("snapkv+kivi", ratio=0.5, group_size=8, residual=16),
@@ -113,9 +119,10 @@ def test_batched_rows_equal_one_at_a_time(arch, task_cls, protocol, words, monke
     options = 3 if task_cls is WordsMC else 1  # a row per option: each cache stacked that many times
     assert max(len(s) for s in stacks) == 6 * options, stacks  # (sample, configuration) pairs: batch_size
     assert any(len({seen for _, seen in s}) == 3 for s in stacks)  # rows of three samples (lengths) in one batch
-    for m in SAME_CONFIG:  # decoding budgets: all three samples in one stack, nothing else in it
-        assert [{m}, 3 * options] in [[{k for k, _ in s}, len(s)] for s in stacks if any(k == m for k, _ in s)]
-    assert {k for s in stacks for k, _ in s} == {"append", *SAME_CONFIG, *KIVI_KEYS}  # and no other codec
+    assert len(FAMILIES) == 3
+    for f in FAMILIES:  # a decoding family: both configurations of all three samples in one stack, nothing else
+        assert [{f}, 6 * options] in [[{k for k, _ in s}, len(s)] for s in stacks if any(k == f for k, _ in s)]
+    assert {k for s in stacks for k, _ in s} == {"append", *FAMILIES, *KIVI_KEYS}  # and no other codec
     # KIVI: the 2-bit configurations (kivi, snapkv+kivi) of all three samples in one stack
     assert [{("kivi", 2, 8, 16)}, 6 * options] in [[{k for k, _ in s}, len(s)] for s in stacks]
     if task_cls is WordsGen and arch == "llama":  # rows that were done left the batch
@@ -140,10 +147,32 @@ def test_batched_rows_equal_one_at_a_time(arch, task_cls, protocol, words, monke
         assert len({r.follow for r in reference if r.config != "full"}) > 1  # outputs diverge at different points
         # and the decoding budgets did evict: bytes below the same method's without one
         by = {(r.sample, r.config): r.cache_bytes for r in reference}
-        budget = label(SAME_CONFIG[1])
+        budget = label(SAME_CONFIG[2])
         pairs = [(by[(s, budget)], by[(s, "h2o@0.5")]) for s, c in by if c == budget]
         # (the other protocols' outputs here are too short to reach the budget's first cut)
         assert all(a <= b for a, b in pairs) and (protocol != "strict" or any(a < b for a, b in pairs)), pairs
+
+
+def test_options_scored_in_passes_by_length_equal_one_at_a_time(words, monkeypatch):
+    """Multiple choice with every option length its own pass (a pass costing nothing): the scores, answers and
+    fidelity (taken from the gold option's row) are batch size 1's."""
+    from kvbench.evaluation import grouping
+
+    tok, model = words[0], words[1]["qwen3"]
+    monkeypatch.setattr(grouping, "PASS_TOKENS", 0)
+    lengths = []
+    real_stack = KVCache.stack.__func__
+    monkeypatch.setattr(KVCache, "stack", classmethod(lambda cls, config, caches: (
+        lengths.append(len(caches)), real_stack(cls, config, caches))[1]))
+    batched = evaluate(model, tok, WordsMC(), METHODS, progress=False, batch_size=6)
+    monkeypatch.undo()
+    reference = evaluate(model, tok, WordsMC(), METHODS, progress=False, batch_size=1)
+    assert len(lengths) > len(METHODS)  # more passes than configurations: options split by length
+    for a, b in zip(reference, batched):
+        assert (b.extracted, b.score, b.cache_bytes) == (a.extracted, a.score, a.cache_bytes), a.config
+        assert b.extra["option_loglik"] == pytest.approx(a.extra["option_loglik"], abs=1e-4)
+        assert b.kl == pytest.approx(a.kl, abs=1e-4) and b.delta_nll == pytest.approx(a.delta_nll, abs=1e-4)
+        assert (b.top1, b.kl_p99) == pytest.approx((a.top1, a.kl_p99), abs=1e-4)
 
 
 def test_stacking_refuses_what_would_decode_wrongly(words):
@@ -152,10 +181,10 @@ def test_stacking_refuses_what_would_decode_wrongly(words):
     run = SampleRun(model, tok, task, task.samples(1)[0], [FULL, *SAME_CONFIG, *ALONE], chat=False)
     shot = run.cache(SAME_CONFIG[0])
     assert shot.why_not_stackable() is None and shot.stack_key() != run.cache(FULL).stack_key()
-    with pytest.raises(KvbenchError, match="stack only with the same configuration"):
+    with pytest.raises(KvbenchError, match="stack only with the same method and decoding settings"):
         KVCache.stack(model.config, [run.cache(FULL), shot])
-    with pytest.raises(KvbenchError, match="stack only with the same configuration"):
-        KVCache.stack(model.config, [run.cache(SAME_CONFIG[1]), shot])
+    with pytest.raises(KvbenchError, match="stack only with the same method and decoding settings"):
+        KVCache.stack(model.config, [run.cache(SAME_CONFIG[2]), shot])
     for m in ALONE:  # low rank; KIVI of the prompt only, generated tokens evicted
         cache = run.cache(m)
         assert "storage codec" in cache.why_not_stackable()
@@ -167,6 +196,38 @@ def test_stacking_refuses_what_would_decode_wrongly(words):
         KVCache.stack(model.config, [run.cache(FULL), kivi[0]])
     with pytest.raises(KvbenchError, match="same configuration"):
         KVCache.stack(model.config, [kivi[0], kivi[2]])
+
+
+H2O_BUDGETS = [make_method("h2o", ratio=0.5, decoding_budget=3), make_method("h2o", ratio=0.5, decoding_budget=7)]
+
+
+@pytest.mark.parametrize("family", [0, 2, 4, "h2o"])
+def test_rows_with_their_own_decoding_budgets_hold_what_each_holds_alone(words, family):
+    """Two configurations of one decoding family (different budgets) and two samples stacked, 20 tokens teacher-
+    forced: after every step each row attends to what it would alone (logits within 1e-5), and at the end each row's
+    real generated slots are those its own cache holds, per layer and head; filler only where a row holds fewer."""
+    from kvbench.evaluation.batch import forced_logits
+
+    tok, model = words[0], words[1]["llama"]
+    task = WordsGen()
+    methods = H2O_BUDGETS if family == "h2o" else SAME_CONFIG[family:family + 2]
+    runs = [SampleRun(model, tok, task, s, methods, chat=False) for s in task.samples(2)]
+    seq = tok(" ".join(WORDS[:20]), add_special_tokens=False)["input_ids"]
+    pairs = [(run, m) for run in runs for m in methods]
+    alone = [(c := run.cache(m), forced_logits(model, c, [run.prompt], [seq])[0]) for run, m in pairs]
+    stacked = KVCache.stack(model.config, [run.cache(m) for run, m in pairs])
+    assert stacked.row_methods == [m for _, m in pairs]
+    logits = forced_logits(model, stacked, [run.prompt for run, _ in pairs], [seq] * len(pairs))
+    for r, (cache, ref) in enumerate(alone):
+        torch.testing.assert_close(logits[r], ref, atol=1e-5, rtol=1e-5)
+        for layer, own in zip(stacked.layers, cache.layers):
+            P, p = layer.n_prefill_slots, own.n_prefill_slots
+            got = layer.pos[r][:, P:].masked_select(layer.valid[r][:, P:].expand(layer.pos.shape[1], -1))
+            shift = layer.seen - own.seen  # a shorter prompt's positions move up (`stack_rows`)
+            assert sorted(got.tolist()) == sorted((own.pos[0][:, p:] + shift).flatten().tolist())
+            assert layer.tail_filler[r] == (layer.stored_length() - P) - (own.stored_length() - p)
+    # the rows held different counts, but H2O's two (one decoding budget, two prefill ratios)
+    assert (len(set(stacked.layers[0].tail_filler)) > 1) == (family != 2)
 
 
 def test_a_stacked_row_holds_its_own_slots_left_padded(words):
@@ -214,7 +275,7 @@ def test_the_bytes_a_decoding_budget_leaves(words):
 
 
 def test_groups_and_batches_by_length_and_budget():
-    from kvbench.evaluation.grouping import batches, held_tokens, sample_groups
+    from kvbench.evaluation.grouping import batches, held_tokens, length_buckets, sample_groups
 
     # shortest first; at most 2 a group; the tokens their caches hold within 100
     assert sample_groups([30, 10, 20, 40], [60, 20, 40, 80], 2, 100) == [[1, 2], [0], [3]]
@@ -227,6 +288,11 @@ def test_groups_and_batches_by_length_and_budget():
     assert batches([10, 10], [1, 1], [5, 80], 3, 100) == [range(0, 1), range(1, 2)]  # a long gold target: 2 x 90
     # gold-target tokens a group holds the full cache's log-distributions for: within 110
     assert sample_groups([10, 20, 30], [10, 20, 30], 3, 1000, [50, 60, 70], 110) == [[0, 1], [2]]
+    # option rows (ascending lengths) split into passes, each costing 32 + rows x its longest: least work
+    assert length_buckets([1] * 50 + [18] * 50) == [range(0, 50), range(50, 100)]  # 964 + 932, not 32 + 1800
+    assert length_buckets([3, 3, 4, 5]) == [range(0, 4)]  # 32 + 20, not 32 + 12 + 32 + 5
+    assert length_buckets([1, 2, 9], pass_tokens=0) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert length_buckets([]) == []
     # held for a 100-token prompt: the capture 100, full 100, snapkv@0.3 30, kivi (storage) 100, counted dense
     configs = [make_method("full"), make_method("snapkv", ratio=0.3), make_method("kivi")]
     assert held_tokens(100, configs) == 330

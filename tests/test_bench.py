@@ -307,8 +307,8 @@ def test_the_decoding_targets_time_caches_that_decode_alike(real_tok_tiny_model)
 
 
 def test_one_prefill_scores_options_as_one_prefill_per_configuration_does(real_tok_tiny_model):
-    """The "prefill once" target times one SampleRun serving every configuration against one SampleRun per
-    configuration: the two must choose the same options with the same scores."""
+    """The "prefill once" target times the batched path and one SampleRun serving every configuration against one
+    SampleRun per configuration: all three must choose the same options with the same scores."""
     from kvbench.bench.targets import MC_RATIOS, SIX
     from kvbench.evaluation import SampleRun
     from kvbench.tasks import make_task
@@ -323,6 +323,12 @@ def test_one_prefill_scores_options_as_one_prefill_per_configuration_does(real_t
         alone, alone_scores, _ = SampleRun(model, tok, task, sample, [m], chat=False).choose(m)
         # the same prefill and the same cache, so the same sums; 1e-6 only for a differently blocked kernel
         assert pred == alone and scores == pytest.approx(alone_scores, abs=1e-6, rel=0), m
+    # and the batched path the target times against both: the same scores, within a batch's float reductions
+    from kvbench.evaluation.scoring import evaluate_group
+
+    rows = evaluate_group(model, tok, task, [(sample, configs, None)], batch_size=32)[0]
+    for m, row in zip(configs, rows):
+        assert row.extra["option_loglik"] == pytest.approx(once.choose(m)[1], abs=1e-4), m
 
 
 def test_cli_bench_on_a_model_directory(real_tok_tiny_model, tmp_path, capsys):

@@ -316,6 +316,34 @@ def test_streamingllm_decoding_keeps_the_most_recent_by_position():
     assert m.select_decoding(None, None, pos, 3, 10).tolist() == [[[2, 3, 4], [2, 3, 4]]]
 
 
+def test_decoding_with_a_count_per_row_puts_filler_first_then_each_rows_own_choice():
+    """Rows of one batch with their own budgets (`select_decoding` with a count per row), hand-computed: each row
+    keeps what it would alone; a row keeping fewer than the longest gets filler slots first; earlier filler
+    (`valid` False) is never kept as real."""
+    acc = torch.tensor([[[5.0, 1.0, 4.0, 0.5, 3.0, 2.0]],     # row 0: keeps 4 (2 recent + 2 heavy)
+                        [[0.0, 6.0, 0.0, 5.0, 9.0, 1.0]]])    # row 1: keeps 2 (1 recent + 1 heavy), slot 4 filler
+    pos = torch.arange(6).expand(2, 1, 6)
+    valid = torch.tensor([[[True] * 6], [[True] * 4 + [False, True]]])
+    m = make_method("h2o", ratio=0.5, decoding_budget=4)
+    idx = m.select_decoding(None, acc, pos, [4, 2], 10, valid)
+    assert idx[0].tolist() == m.select_decoding(None, acc[:1], pos[:1], 4, 10)[0].tolist() == [[0, 2, 4, 5]]
+    # row 1: kept 1 (heaviest real: 6.0; slot 4's 9.0 is filler) and 5 (recent) ascending, after 2 filler slots
+    assert idx[1, 0, 2:].tolist() == [1, 5] and set(idx[1, 0, :2].tolist()) <= {0, 2, 3, 4}
+    # one count for every row: the plain path, ascending
+    assert m.select_decoding(None, acc, pos, [4, 4], 10).tolist() == m.select_decoding(None, acc, pos, 4, 10).tolist()
+
+
+def test_a_decoding_family_is_the_method_and_its_settings_but_the_budgets():
+    a, b = make_method("shotkv", ratio=0.3), make_method("shotkv", ratio=0.6, decoding_ratio=0.5)
+    assert a.decoding_family == b.decoding_family != make_method("shotkv", ratio=0.3, window_size=16).decoding_family
+    assert make_method("h2o", ratio=0.3, decoding_budget=4).decoding_family != \
+        make_method("h2o", ratio=0.3, decoding_budget=4, recent_fraction=0.25).decoding_family
+    assert make_method("h2o", ratio=0.3, decoding_budget=4).decoding_family != \
+        make_method("streamingllm", ratio=0.3, decoding_budget=4).decoding_family
+    assert make_method("h2o", ratio=0.3, decoding_budget=4, decoding_every=2).decoding_family != \
+        make_method("h2o", ratio=0.3, decoding_budget=4).decoding_family  # evictions at the same steps only
+
+
 @pytest.mark.parametrize("name", ["h2o", "streamingllm", "random"])
 def test_decoding_always_keeps_the_newest_token(name):
     m = make_method(name, ratio=0.5, decoding_budget=2)

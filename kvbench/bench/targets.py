@@ -12,8 +12,9 @@
    (the physical limit for that size): <= 5% for prefill compression (snapkv), <= 10% with
    decoding compression evicting every step (shotkv's decoding ratio, streamingllm and h2o with a
    decoding budget);
-5. prefill once: a multiple-choice sample under 6 methods x 4 ratios through one `SampleRun` vs one
-   `SampleRun` per configuration, >= 5x less wall time;
+5. prefill once: multiple-choice samples under 6 methods x 4 ratios through the batched path (one prefill per
+   sample, the configurations as rows of batches) vs one `SampleRun` per configuration, >= 10x less wall time
+   (issue 17; issue 7 asked >= 5x of one prefill with the configurations one at a time, reported beside it);
 6. throughput of batch 8 vs batch 1 (decoding, and end to end with the prefill), >= 2.5x.
 
 Each target is a dict: target, figure, min, max (of the per-repeat values), op, limit, met, note.
@@ -54,6 +55,7 @@ class TargetSpec:
     batch: int = 8
     slow_repeats: int = 3  # for targets 5 and 6, whose rounds are long
     mc_choices: tuple[str, ...] = ("text", "letter")  # MMLU option styles for target 5
+    mc_batch: int = 32  # target 5's batch size (rows of (sample, configuration))
 
 
 def _target(name: str, s: dict, op: str, limit: float, note: str = "", offset: float = 0.0) -> dict:
@@ -185,12 +187,16 @@ def bytes_match(model, batch: Batch, spec: TargetSpec) -> tuple[list[dict], dict
 
 
 def prefill_once(model, tokenizer, spec: TargetSpec, log) -> tuple[list[dict], dict]:
-    """Target 5: one SampleRun for 24 configurations vs 24 SampleRuns, choosing MMLU options.
+    """Target 5: MMLU options chosen under 24 configurations: one `SampleRun` per configuration (a prefill each) vs
+    the batched path (`evaluate_group`: one prefill per sample, the configurations' caches as rows of batches, options
+    scored in passes by length, fidelity included), with one prefill per sample but the configurations one at a time
+    (`SampleRun.choose`) beside it.
 
     Measured for both option styles: the option texts (kvbench's default) and the letters (the
     harness's MMLU). What one prefill cannot share is each configuration's own scoring of the
     options (a forward pass over them through its cache), which grows with the options' length."""
     from kvbench.evaluation import SampleRun
+    from kvbench.evaluation.scoring import evaluate_group
     from kvbench.tasks import make_task
 
     configs = [make_method(m, ratio=r) for m in SIX if m in REGISTRY for r in MC_RATIOS]
@@ -199,6 +205,9 @@ def prefill_once(model, tokenizer, spec: TargetSpec, log) -> tuple[list[dict], d
     for style in spec.mc_choices:
         task = make_task("mmlu", choices=style)
         samples = task.samples(spec.mc_samples)
+
+        def batched(samples=samples, task=task):
+            evaluate_group(model, tokenizer, task, [(s, configs, None) for s in samples], batch_size=spec.mc_batch)
 
         def once(samples=samples, task=task):
             for s in samples:
@@ -211,16 +220,20 @@ def prefill_once(model, tokenizer, spec: TargetSpec, log) -> tuple[list[dict], d
                 for m in configs:
                     SampleRun(model, tokenizer, task, s, [m], chat=False).choose(m)
 
-        trials = [Trial(f"once/{style}", timed(once, dev), partial(once, samples[:1])),
+        trials = [Trial(f"batched/{style}", timed(batched, dev), partial(batched, samples[:1])),
+                  Trial(f"once/{style}", timed(once, dev), partial(once, samples[:1])),
                   Trial(f"separate/{style}", timed(separate, dev), partial(once, samples[:1]))]
         interleave(f"prefill once, {style} options", trials, spec.slow_repeats, log=log)
-        s = paired(trials[1].records["seconds"], trials[0].records["seconds"])
+        sec = {t.name.split("/")[0]: t.records["seconds"] for t in trials}
+        s = paired(sec["separate"], sec["batched"])
+        one = paired(sec["separate"], sec["once"])
         opts = [max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in x.choices) for x in samples]
         targets.append(_target(
-            f"prefill once: {len(configs)} configurations x {len(samples)} MMLU samples ({style} options), one "
-            f"prefill per sample vs one per configuration (wall time ratio)", s, ">=", 5.0,
-            f"{statistics.median(trials[0].records['seconds']):.1f}s vs "
-            f"{statistics.median(trials[1].records['seconds']):.1f}s; longest option per sample: {opts} tokens"))
+            f"prefill once: {len(configs)} configurations x {len(samples)} MMLU samples ({style} options), batched, "
+            f"one prefill per sample vs one per configuration (wall time ratio)", s, ">=", 10.0,
+            f"{statistics.median(sec['batched']):.1f}s vs {statistics.median(sec['separate']):.1f}s; configurations "
+            f"one at a time through one prefill: {one['median']:.2f}x ({statistics.median(sec['once']):.1f}s); "
+            f"longest option per sample: {opts} tokens"))
         records.update({t.name: t.records for t in trials})
     return targets, records
 

@@ -60,6 +60,7 @@ class CompressedLayer(DynamicLayer):
         self.rows_codec: KiviRows | None = None  # a stack of rows held by KIVI stores, dense (`stack_rows`)
         self.heads = self.k_dim = self.v_dim = 0  # shape of one slot, recorded at the first update
         self._buffers: dict[str, torch.Tensor] = {}  # growing storage that decoding appends into (`_append`)
+        self.tail_filler: list[int] | None = None  # per row: filler slots among the generated (own decoding budgets)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -143,6 +144,8 @@ class CompressedLayer(DynamicLayer):
             self.codec.select(self, indices)
         if self.rows_codec is not None:
             self.rows_codec.select(indices)
+        if self.tail_filler is not None:
+            self.tail_filler = [self.tail_filler[i] for i in indices.tolist()]
         for name in ("keys", "values", "pos", "valid", "accumulated", "prefill_kept"):
             t = getattr(self, name)
             if t is not None:
@@ -206,8 +209,9 @@ class CompressedLayer(DynamicLayer):
         if self.accumulated is not None:
             self.accumulated = self.accumulated.gather(2, idx)
 
-    def keep_tail(self, idx: torch.Tensor, start: int) -> None:
-        """Keep slots `start + idx` (B, Hk, K) of the tail (generated tokens, all real), in place.
+    def keep_tail(self, idx: torch.Tensor, start: int, valid: torch.Tensor | None = None) -> None:
+        """Keep slots `start + idx` (B, Hk, K) of the tail (generated tokens), in place; `valid` (B, 1, K): which
+        kept slots hold real tokens (rows of one batch with their own budgets, `compress.on_decode`), else all.
 
         Slots before `start` and their validity are untouched; the kept part is written in
         place and the tensors narrowed, so evicting k generated tokens costs O(k), not O(cache).
@@ -219,6 +223,9 @@ class CompressedLayer(DynamicLayer):
         self.values[:, :, start:end] = self.values.gather(2, kv_idx)
         self.pos[:, :, start:end] = self.pos.gather(2, gidx)
         self.keys, self.values, self.pos = self.keys[:, :, :end], self.values[:, :, :end], self.pos[:, :, :end]
+        if valid is not None:  # (a slice of this layer's own append buffer: decoding appended to it)
+            self.valid[..., start:end] = valid
+            self.all_valid = False
         self.valid = self.valid[..., :end]
         if self.accumulated is not None:
             self.accumulated[:, :, start:end] = self.accumulated.gather(2, gidx)
@@ -352,6 +359,8 @@ class KVCache(Cache):
         self.capture = capture
         self.n_layers = n
         self.scratch: dict = {}  # cross-layer state of the method while it compresses the prefill
+        # A stack of rows of one decoding family with their own budgets: each row's method (None: `method` for all).
+        self.row_methods: list[Compressor] | None = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if CURRENT.get() is not None and CURRENT.get()[0] is self:
@@ -386,6 +395,11 @@ class KVCache(Cache):
             layer.expand_batch(n)
         self.segments = (self.segments or [[]]) * n
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.row_methods is not None:
+            self.row_methods = [self.row_methods[i] for i in indices.tolist()]
+        super().batch_select_indices(indices)
+
     def keep_row(self, row: int) -> None:
         """Keep batch row `row` alone (after `expand_batch`, the option chosen)."""
         device = next((layer.pos.device for layer in self.layers if layer.pos is not None), None)
@@ -398,8 +412,9 @@ class KVCache(Cache):
         methods' compressions of several samples), to decode or score them together. The rows keep exactly their
         own slots (right-aligned, invalid filler on the left), so each row attends to what it would alone; the
         caller gives each row its own position ids. Caches whose method compresses generated tokens stack only
-        with caches of the very same configuration (`stack_key`): the batch then evicts as each would alone (the
-        same budget at the same step in every row, each row choosing its own tokens). Caches held by KIVI over every
+        with caches of the same `decoding_family` (the same method and settings but its budgets, `stack_key`): the
+        batch then evicts as each would alone (each row its own budget and its own tokens, at the same steps; rows
+        holding fewer than the longest hold filler, `compress.on_decode`). Caches held by KIVI over every
         token stack with the same KIVI configuration's: the batch holds them dense, quantized row by row as each
         store would (`KiviRows`); other storage codecs do not stack. The caches themselves are left as they are."""
         keys = set()
@@ -409,23 +424,25 @@ class KVCache(Cache):
                 raise KvbenchError(problem)
             keys.add(c.stack_key())
         if len(keys) > 1:
-            raise KvbenchError("caches that compress generated tokens or are held by KIVI stack only with the same "
-                               "configuration's")
+            raise KvbenchError("caches that compress generated tokens stack only with the same method and decoding "
+                               "settings' (budgets may differ); those held by KIVI only with the same configuration's")
         method = caches[0].method if caches[0].method is not None and caches[0].method.compresses_decoding else None
         out = cls(config, method, [row for c in caches for row in (c.segments or [[]])])
+        if method is not None and any(c.method != method for c in caches):
+            out.row_methods = [c.method for c in caches]
         for i, layer in enumerate(out.layers):
             layer.stack_rows([c.layers[i] for c in caches])
         return out
 
     def stack_key(self) -> object:
-        """Caches with equal keys can be rows of one `stack`: any that only append, or one configuration that
-        compresses generated tokens (its decoding budget is applied to the whole batch at once), or those held by
-        one KIVI configuration (bits, group size, residual)."""
+        """Caches with equal keys can be rows of one `stack`: any that only append, or those compressing generated
+        tokens by one `decoding_family` (each row its own budget), or those held by one KIVI configuration (bits,
+        group size, residual)."""
         m = self.method
         store = next((layer.codec for layer in self.layers if layer.codec is not None), None)
         if isinstance(store, Kivi):  # KIVI rows: with the same KIVI configuration's (others do not stack)
             return ("kivi", store.bits, store.G, store.R)
-        return m if m is not None and m.compresses_decoding else "append"
+        return ("decoding", m.decoding_family) if m is not None and m.compresses_decoding else "append"
 
     def why_not_stackable(self) -> str | None:
         """Why this cache cannot be a row of `stack` (one line with the fix), or None when it can."""

@@ -109,7 +109,9 @@ def on_prefill(cache: KVCache, layer: CompressedLayer, layer_idx: int, query: to
 
 
 def on_decode(cache: KVCache, layer: CompressedLayer, weights: torch.Tensor | None) -> None:
-    """Hold the generated tokens at the decoding budget; the prompt part is never touched again."""
+    """Hold the generated tokens at the decoding budget; the prompt part is never touched again. Rows of a stack
+    with their own budgets (`KVCache.row_methods`) each hold their own count: a row evicts when it alone would, and
+    holds filler slots (invalid, at the start of the generated part) where the batch's longest row holds more."""
     method = cache.method
     if method is None or not method.compresses_decoding or layer.sliding_window is not None:
         layer.park()
@@ -118,12 +120,23 @@ def on_decode(cache: KVCache, layer: CompressedLayer, weights: torch.Tensor | No
     if layer.accumulated is not None and weights is not None:
         layer.accumulated += weights.sum(2)
     n_gen = layer.seen - layer.n_prompt
-    k = method.decoding_keep_count(n_gen)
-    if layer.stored_length() - P > k and not n_gen % method.decoding_every:
-        attn = None if weights is None else weights[:, :, -1, P:]
-        acc = None if layer.accumulated is None else layer.accumulated[..., P:]
-        idx = method.select_decoding(attn, acc, layer.pos[..., P:], k, n_gen)
-        layer.keep_tail(idx, start=P)
+    G = layer.stored_length() - P
+    due = not n_gen % method.decoding_every
+    attn = None if weights is None else weights[:, :, -1, P:]
+    acc = None if layer.accumulated is None else layer.accumulated[..., P:]
+    if cache.row_methods is None:  # one configuration: every row holds the same count
+        k = method.decoding_keep_count(n_gen)
+        if G > k and due:
+            layer.keep_tail(method.select_decoding(attn, acc, layer.pos[..., P:], k, n_gen), start=P)
+    else:
+        held = [G - f for f in layer.tail_filler or [0] * len(cache.row_methods)]
+        keep = [min(h, m.decoding_keep_count(n_gen)) if due else h for h, m in zip(held, cache.row_methods)]
+        if keep != held:
+            K = max(keep)
+            idx = method.select_decoding(attn, acc, layer.pos[..., P:], keep, n_gen, layer.valid[..., P:])
+            counts = torch.tensor(keep, device=idx.device)
+            layer.keep_tail(idx, start=P, valid=torch.arange(K, device=idx.device) >= (K - counts)[:, None, None])
+            layer.tail_filler = [K - k for k in keep]
     layer.park()
 
 

@@ -8,6 +8,7 @@ how to store it (`codec`).
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Protocol
 
 import torch
@@ -43,11 +44,18 @@ class Compressor(Protocol):
         """Keep mask (B, Hk, T) of the prompt's tokens in one layer."""
         ...
 
+    @property
+    def decoding_family(self) -> Hashable:
+        """Configurations with equal families compress generated tokens as rows of one batch, each its own budget."""
+        ...
+
     def decoding_keep_count(self, n_generated: int) -> int: ...
 
     def select_decoding(self, attention: torch.Tensor | None, accumulated: torch.Tensor | None,
-                        pos: torch.Tensor, n_keep: int, step: int) -> torch.Tensor:
-        """Indices (B, Hk, n_keep), ascending, of the generated tokens kept."""
+                        pos: torch.Tensor, n_keep: int | Sequence[int], step: int,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices (B, Hk, K) of the generated tokens kept: ascending for one count; for one count per row, each
+        row's K - n filler slots first, then its n kept ascending (`valid`: the slots holding real tokens)."""
         ...
 
     def codec(self, layer_idx: int, n_layers: int, scratch: dict):

@@ -11,7 +11,7 @@ prediction is the full prefill's (`Prompt.first`; see `evaluation.protocols`). A
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,15 +46,16 @@ def fed_tokens(prompt: Prompt, n_fed: int) -> int:
     return n_fed if prompt.first is None else max(0, n_fed - 1)
 
 
-def _feed(model, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits of `x` (R, L) fed through `cache`: at once, or one token a step under decoding-phase compression
-    (which acts between steps, as in generation). `mask` covers the cache's prompt and all of `x`."""
+def _feed(model, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Logits of `x` (R, L) fed through `cache`, in blocks (R, q, V): at once, or one token a step under decoding-
+    phase compression (which acts between steps, as in generation). `mask` covers the cache's prompt and all of `x`."""
     if cache.method is None or not cache.method.compresses_decoding:
-        return model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
-    L = x.shape[1]
-    N = mask.shape[1] - L
-    return torch.cat([model(input_ids=x[:, i:i + 1], attention_mask=mask[:, :N + i + 1], position_ids=pos[:, i:i + 1],
-                            past_key_values=cache, use_cache=True).logits for i in range(L)], dim=1)
+        yield model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        return
+    N = mask.shape[1] - x.shape[1]
+    for i in range(x.shape[1]):
+        yield model(input_ids=x[:, i:i + 1], attention_mask=mask[:, :N + i + 1], position_ids=pos[:, i:i + 1],
+                    past_key_values=cache, use_cache=True).logits
 
 
 def _prompt_mask(prompts: Sequence[Prompt], extra: int, device) -> torch.Tensor:
@@ -65,23 +66,31 @@ def _prompt_mask(prompts: Sequence[Prompt], extra: int, device) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def forced_blocks(model, cache: KVCache, prompts: Sequence[Prompt],
+                  seqs: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+    """`forced_logits` in consecutive blocks of positions (R, q, V), as they are computed: a caller that reduces each
+    block (fidelity) holds one block at a time, one position under decoding-phase compression."""
+    L, dev = max(len(s) for s in seqs), model.device
+    if _held_whole(prompts):
+        yield torch.stack([p.first for p in prompts]).to(dev)[:, None]
+        if L == 1:
+            return
+        x = torch.tensor([[*s[:-1]] + [p.last] * (L - len(s)) for p, s in zip(prompts, seqs)], device=dev)
+        pos = torch.tensor([p.n for p in prompts], device=dev)[:, None] + torch.arange(L - 1, device=dev)
+        yield from _feed(model, cache, x, pos, _prompt_mask(prompts, L - 1, dev))
+        return
+    x = torch.tensor([[p.last, *s[:-1]] + [p.last] * (L - len(s)) for p, s in zip(prompts, seqs)], device=dev)
+    pos = torch.tensor([p.n - 1 for p in prompts], device=dev)[:, None] + torch.arange(L, device=dev)
+    yield from _feed(model, cache, x, pos, _prompt_mask(prompts, L - 1, dev))
+
+
 def forced_logits(model, cache: KVCache, prompts: Sequence[Prompt], seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     """Logits (R, L, V) predicting each token of each row's `seqs[r]` (right-padded to the longest, L), teacher-
     forced through `cache` (R rows, the prompts but their last tokens): the first prediction, like every later
     one, sees only what the cache kept. With the prompts held whole (`Prompt.first`) the first prediction is the
     prompt's own and only the sequences but their last tokens are fed. Extends the cache: pass a fresh one."""
-    L, dev = max(len(s) for s in seqs), model.device
-    if _held_whole(prompts):
-        first = torch.stack([p.first for p in prompts]).to(dev)[:, None]
-        if L == 1:
-            return first
-        x = torch.tensor([[*s[:-1]] + [p.last] * (L - len(s)) for p, s in zip(prompts, seqs)], device=dev)
-        pos = torch.tensor([p.n for p in prompts], device=dev)[:, None] + torch.arange(L - 1, device=dev)
-        logits = _feed(model, cache, x, pos, _prompt_mask(prompts, L - 1, dev))
-        return torch.cat([first.to(logits.dtype), logits], dim=1)
-    x = torch.tensor([[p.last, *s[:-1]] + [p.last] * (L - len(s)) for p, s in zip(prompts, seqs)], device=dev)
-    pos = torch.tensor([p.n - 1 for p in prompts], device=dev)[:, None] + torch.arange(L, device=dev)
-    return _feed(model, cache, x, pos, _prompt_mask(prompts, L - 1, dev))
+    blocks = list(forced_blocks(model, cache, prompts, seqs))
+    return blocks[0] if len(blocks) == 1 else torch.cat([b.to(blocks[-1].dtype) for b in blocks], dim=1)
 
 
 def option_scores(logits: torch.Tensor, options: Sequence[Sequence[int]]) -> list[float]:

@@ -37,15 +37,25 @@ def upper_percentile(values: torch.Tensor, q: float) -> float:
     return float(values.flatten().sort().values[k - 1])
 
 
+def position_stats(full: torch.Tensor, comp: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per position (any leading dims, e.g. rows x positions): the target's log-probability under `full` minus
+    under `comp`, KL(full || comp), and whether both rank the same token first; from log-distributions (..., V)
+    and the target ids `idx` (...)."""
+    gap = (full.gather(-1, idx[..., None]) - comp.gather(-1, idx[..., None]))[..., 0]
+    kl = (full.exp() * (full - comp)).sum(-1)  # float error can dip below 0 where both agree
+    return gap, kl, (full.argmax(-1) == comp.argmax(-1)).float()
+
+
+def reduce_positions(gap: torch.Tensor, kl: torch.Tensor, top1: torch.Tensor) -> Fidelity:
+    """The fidelity of one target from its positions' `position_stats`."""
+    tail = kl.clamp(min=0.0)
+    return Fidelity(float(gap.mean()), max(0.0, float(kl.mean())), upper_percentile(tail, KL_PERCENTILE),
+                    float(tail.max()), float(top1.mean()))
+
+
 def along_target(full: torch.Tensor, comp: torch.Tensor, ids: list[int]) -> Fidelity:
     """Fidelity of `comp` to `full`, both (L, V) log-distributions predicting the target `ids` (L tokens)."""
-    idx = torch.tensor(ids, device=full.device)[:, None]
-    delta_nll = float(full.gather(1, idx).mean() - comp.gather(1, idx).mean())
-    kl = (full.exp() * (full - comp)).sum(-1)  # per position; float error can dip below 0 where both agree
-    top1 = float((full.argmax(-1) == comp.argmax(-1)).float().mean())
-    tail = kl.clamp(min=0.0)
-    return Fidelity(delta_nll, max(0.0, float(kl.mean())), upper_percentile(tail, KL_PERCENTILE), float(tail.max()),
-                    top1)
+    return reduce_positions(*position_stats(full, comp, torch.tensor(ids, device=full.device)))
 
 
 def followed(tokenizer, output: str, reference: str) -> int:

@@ -22,6 +22,7 @@ from kvbench.engine.shapes import kv_shape
 CPU_BATCH_BYTES = 4 << 30  # a batch's (and a group's) KV cache on CPU: about this many bytes
 LOGITS_BYTES = 1 << 30  # log-distributions (float32) held at once: the full cache's per group, a fidelity pass's
 CUDA_FREE_SHARE = 0.25  # on CUDA: this share of the free memory (activations and logits need the rest)
+PASS_TOKENS = 32  # a forward pass's fixed cost, in the (row x token) work it equals (~80 ms vs ~2.5 ms on 2 CPU cores)
 
 
 def auto_batch_tokens(model) -> int:
@@ -71,10 +72,10 @@ def held_tokens(n: int, configs: Sequence) -> int:
 
 def batches(lengths: Sequence[int], rows: Sequence[int], fed: Sequence[int], batch_size: int,
             max_tokens: int) -> list[range]:
-    """Consecutive runs of items (prompt `lengths`, each item `rows` batch rows: its options, or 1; at most `fed`
-    tokens fed after its prompt: new tokens, options, its gold target) to feed together: at most `batch_size`
-    items, and every row padded to the longest prompt plus the most tokens fed within `max_tokens` (one item at
-    least)."""
+    """Consecutive runs of items (`lengths`: the slots each item's cache holds, as its batch pads them; each item
+    `rows` batch rows: its options, or 1; at most `fed` tokens fed after its prompt: new tokens, options, its gold
+    target) to feed together: at most `batch_size` items, and every row padded to the longest plus the most tokens
+    fed within `max_tokens` (one item at least)."""
     out, start, longest, most, n_rows = [], 0, 0, 0, 0
     for i, (n, r, f) in enumerate(zip(lengths, rows, fed)):
         grown, more = max(longest, n), max(most, f)
@@ -85,3 +86,19 @@ def batches(lengths: Sequence[int], rows: Sequence[int], fed: Sequence[int], bat
     if start < len(lengths):
         out.append(range(start, len(lengths)))
     return out
+
+
+def length_buckets(lengths: Sequence[int], pass_tokens: int | None = None) -> list[range]:
+    """Consecutive runs of rows (`lengths` ascending: the tokens each feeds) to feed as one pass each, padded to its
+    longest: the split with the least work, each pass costing `pass_tokens` plus rows x its longest (exact, by
+    dynamic programming over the split points; `pass_tokens` defaults to PASS_TOKENS)."""
+    pass_tokens = PASS_TOKENS if pass_tokens is None else pass_tokens
+    n = len(lengths)
+    best, cut = [0] + [0] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = min((best[i] + pass_tokens + (j - i) * lengths[j - 1], i) for i in range(j))
+    out, j = [], n
+    while j:
+        out.append(range(cut[j], j))
+        j = cut[j]
+    return out[::-1]

@@ -8,18 +8,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kvbench.engine.cache import KVCache
 from kvbench.engine.decode import max_len
 from kvbench.engine.prompts import build_prompt
-from kvbench.evaluation.batch import decode, fed_tokens, forced_logits, option_scores
+from kvbench.evaluation.batch import decode, fed_tokens, forced_blocks, forced_logits, option_scores
 from kvbench.evaluation.configs import FULL, configurations
-from kvbench.evaluation.fidelity import NONE, Fidelity, along_target, followed
+from kvbench.evaluation.fidelity import NONE, Fidelity, along_target, followed, position_stats, reduce_positions
 from kvbench.evaluation.grouping import (
     LOGITS_BYTES,
     auto_batch_tokens,
     batches,
     held_tokens,
+    length_buckets,
     sample_groups,
     target_budget,
 )
@@ -131,44 +133,75 @@ def _stack(model, caches: list[KVCache], repeat: list[int] | None = None) -> KVC
                          [c for c, r in zip(caches, repeat) for _ in range(r)])
 
 
+def _fidelity(model, items: list[_Item], full_lps: dict[int, torch.Tensor]) -> list[Fidelity]:
+    """Each row's fidelity to the full cache along its sample's gold target, teacher-forced through its cache as rows
+    of one batch; each block of positions is reduced as `forced_blocks` yields it, so only one is held."""
+    ids = [it.run.target_ids for it in items]
+    L, dev = max(map(len, ids)), model.device
+    idx = torch.tensor([[*i, *[0] * (L - len(i))] for i in ids], device=dev)
+    parts, at = [], 0
+    for block in forced_blocks(model, _stack(model, [it.cache for it in items]), [it.run.prompt for it in items], ids):
+        q = block.shape[1]
+        full = torch.stack([F.pad(full_lps[id(it.run)][at:at + q], (0, 0, 0, q - len(i[at:at + q])))
+                            for it, i in zip(items, ids)])  # positions past a row's target: padding, unread
+        parts.append(position_stats(full, block.float().log_softmax(-1), idx[:, at:at + q]))
+        at += q
+    gap, kl, top1 = (torch.cat(p, dim=1) for p in zip(*parts))
+    return [reduce_positions(gap[r, :n], kl[r, :n], top1[r, :n]) for r, n in enumerate(map(len, ids))]
+
+
 def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
               full_lps: dict[int, torch.Tensor]) -> list[_Outcome]:
     """Rows of one batch (any samples of one task), each cache built once and used for both the answer and
-    fidelity. Each row's bytes are those its cache would hold had it been decoded alone (`nbytes_after`)."""
+    fidelity (multiple choice: along the gold option's row of the option pass, no pass of its own). Each row's
+    bytes are those its cache would hold had it been decoded alone (`nbytes_after`)."""
     t0 = time.perf_counter() - sum(it.built for it in items)
     prompts = [it.run.prompt for it in items]
+    gold_fid: dict[int, Fidelity] = {}
     if loglik:
+        # (item, option) rows, scored in passes of similar option lengths: a pass pads its rows to its longest.
         options = [it.run.options for it in items]
-        flat = [o for opts in options for o in opts]
-        stacked = _stack(model, [it.cache for it in items], [len(o) for o in options])
-        scores = option_scores(forced_logits(model, stacked, [p for p, o in zip(prompts, options) for _ in o], flat),
-                               flat)
-        results, at = [], 0
-        for it, opts in zip(items, options):
-            sc = scores[at:at + len(opts)]
-            at += len(opts)
-            results.append((_choice(it.run.task, it.run.sample, sc),
-                            fed_tokens(it.run.prompt, max(len(o) for o in opts))))  # as `choose` counts it
+        rows = sorted(((k, i) for k, opts in enumerate(options) for i in range(len(opts))),
+                      key=lambda r: len(options[r[0]][r[1]]))
+        scores: dict[tuple[int, int], float] = {}
+        for b in length_buckets([len(options[k][i]) for k, i in rows]):
+            part = rows[b.start:b.stop]
+            seqs = [options[k][i] for k, i in part]
+            logits = forced_logits(model, _stack(model, [items[k].cache for k, _ in part]),
+                                   [prompts[k] for k, _ in part], seqs)
+            scores.update(zip(part, option_scores(logits, seqs)))
+            for r, (k, _) in enumerate(part):
+                # The gold answer is one of the options: its row holds the fidelity pass along it already.
+                run = items[k].run
+                if seqs[r] == run.target_ids and items[k].method.name != "full" and id(run) in full_lps:
+                    ids = run.target_ids
+                    gold_fid[k] = along_target(full_lps[id(run)], logits[r, :len(ids)].float().log_softmax(-1), ids)
+            del logits
+        results = [(_choice(it.run.task, it.run.sample, [scores[k, i] for i in range(len(opts))]),
+                    fed_tokens(it.run.prompt, max(len(o) for o in opts)))  # as `choose` counts it
+                   for k, (it, opts) in enumerate(zip(items, options))]
     else:
         task = items[0].run.task
         stacked = _stack(model, [it.cache for it in items])
         texts = decode(model, tokenizer, stacked, prompts, max_new, task.config.stop, items[0].run.eos)
         results = [(_text(task, it.run.sample, text), fed) for it, (text, fed) in zip(items, texts)]
-    del stacked
+        del stacked
     outs = [_Outcome(*judged, it.cache.kept_after_prefill()[0], it.cache.nbytes_after(fed),
                      it.cache.full_nbytes_after(fed)) for (judged, fed), it in zip(results, items)]
-    fid = [k for k, it in enumerate(items) if it.method.name != "full" and id(it.run) in full_lps]
+    for k, f in gold_fid.items():
+        outs[k].fid = f
+    fid = [k for k, it in enumerate(items)
+           if it.method.name != "full" and id(it.run) in full_lps and k not in gold_fid]
     if fid:
-        # Log-distributions are (rows, L, V) float32: chunk the rows so one pass holds about LOGITS_BYTES.
+        # A pass at once holds (rows, L, V) float32 log-distributions three times (the pass's, the rows', the full
+        # cache's): chunk the rows to about LOGITS_BYTES. Under a decoding budget a pass holds one position a step.
         L = max(len(items[k].run.target_ids) for k in fid)
-        per = max(1, LOGITS_BYTES // max(1, L * full_lps[id(items[fid[0]].run)].shape[-1] * 4))
+        method = items[fid[0]].cache.method
+        per = len(fid) if method is not None and method.compresses_decoding else \
+            max(1, LOGITS_BYTES // max(1, 3 * L * full_lps[id(items[fid[0]].run)].shape[-1] * 4))
         for s in range(0, len(fid), per):
-            chunk = [items[k] for k in fid[s:s + per]]
-            logits = forced_logits(model, _stack(model, [it.cache for it in chunk]), [it.run.prompt for it in chunk],
-                                   [it.run.target_ids for it in chunk])
-            for k, it, row in zip(fid[s:s + per], chunk, logits):
-                ids = it.run.target_ids
-                outs[k].fid = along_target(full_lps[id(it.run)], row[:len(ids)].float().log_softmax(-1), ids)
+            for k, f in zip(fid[s:s + per], _fidelity(model, [items[k] for k in fid[s:s + per]], full_lps)):
+                outs[k].fid = f
     share = (time.perf_counter() - t0) / len(items)  # the batch's time, split evenly over its rows
     for o in outs:
         o.seconds = share
@@ -220,10 +253,14 @@ def evaluate_group(model, tokenizer, task: Task, work: Sequence[tuple[Sample, li
                     item = _Item(run, m, cache, time.perf_counter() - t0)
                     pools.setdefault(cache.stack_key(), []).append(((i, j), item))
         for pool in pools.values():
+            # A stacked row attends over the batch's longest cache (filler masked, still read): batch rows holding
+            # similar slot counts (full with full, 30% with 30%), not a sample's configurations together.
+            slots = {id(it): max(layer.stored_length() for layer in it.cache.layers) for _, it in pool}
+            pool.sort(key=lambda p: slots[id(p[1])])
             rows = [len(it.run.sample.choices) if loglik else 1 for _, it in pool]
             fed = [max(max(map(len, it.run.options)) if loglik else max_new, len(it.run.target_ids))
                    for _, it in pool]
-            for b in batches([it.run.prompt.n for _, it in pool], rows, fed, batch_size, max_tokens):
+            for b in batches([slots[id(it)] for _, it in pool], rows, fed, batch_size, max_tokens):
                 chunk = [pool[k] for k in b]
                 outcomes.update(zip([key for key, _ in chunk],
                                     _together(model, tokenizer, [it for _, it in chunk], loglik, max_new, full_lps)))

@@ -13,6 +13,7 @@ is a fixed number of kept tokens and, when given, replaces `ratio`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +25,7 @@ from kvbench.engine.view import LayerView
 from kvbench.errors import KvbenchError
 
 REGISTRY: dict[str, type[Method]] = {}
+BUDGET_SETTINGS = ("ratio", "budget", "decoding_ratio", "decoding_budget")  # how much; not which
 
 
 def register(name: str):
@@ -165,13 +167,37 @@ class Method:
     def decoding_needs_attention(self) -> bool:
         return self.compresses_decoding
 
-    def select_decoding(self, attention, accumulated, pos: torch.Tensor, n_keep: int, step: int) -> torch.Tensor:
-        """Indices (B, Hk, n_keep), ascending, of the generated tokens kept."""
+    def select_decoding(self, attention, accumulated, pos: torch.Tensor, n_keep: int | Sequence[int], step: int,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices (B, Hk, K) of the generated tokens kept: with one `n_keep` for every row, K = n_keep, ascending.
+
+        With one count per row (rows of one batch, each its own budget: configurations of one `decoding_family`,
+        this one's scoring), K is the largest; a row keeping n < K gets K - n filler slots first (any slots: the
+        caller marks them invalid), then its kept tokens ascending, so its newest tokens stay last. `valid`
+        (B, 1 | Hk, G) marks the slots that hold real tokens (filler from an earlier step is never kept as real)."""
         s = self.decoding_score(attention, accumulated, pos, step).float().clone()  # may be expanded views
-        recent = min(self.decoding_recent(n_keep), n_keep)
-        if recent:
-            s[..., -recent:] = float("inf")
-        return s.topk(n_keep, dim=-1).indices.sort(-1).values
+        if isinstance(n_keep, int):
+            recent = min(self.decoding_recent(n_keep), n_keep)
+            if recent:
+                s[..., -recent:] = float("inf")
+            return s.topk(n_keep, dim=-1).indices.sort(-1).values
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
+        for r, n in enumerate(n_keep):
+            recent = min(self.decoding_recent(n), n)
+            if recent:
+                s[r, :, -recent:] = float("inf")
+        G, K = s.shape[-1], max(n_keep)
+        top = s.topk(K, dim=-1).indices  # best first: a row's first n are what it keeps alone
+        real = torch.arange(K, device=s.device) < torch.tensor(list(n_keep), device=s.device)[:, None, None]
+        return torch.where(real, top + G, top).sort(-1).values % G  # filler (< G) first, then the kept ascending
+
+    @property
+    def decoding_family(self) -> Hashable:
+        """Configurations of one family compress generated tokens as rows of one batch, each row with its own
+        budget (`BUDGET_SETTINGS`) and the first row's scoring: the same method with every other setting equal.
+        So `decoding_score` and `decoding_recent` must not read the budget settings."""
+        return type(self), tuple((k, v) for k, v in self.values().items() if k not in BUDGET_SETTINGS)
 
     # --- storage ----------------------------------------------------------------------------
     def check_model(self, config) -> None:

@@ -72,6 +72,10 @@ class Composition:
         except AttributeError:
             return getattr(self.store, attr)
 
+    @property
+    def decoding_family(self) -> Composition:
+        return self  # decodes in a batch only with its very own configuration
+
     def check_model(self, config) -> None:
         self.evict.check_model(config)
         self.store.check_model(config)
