@@ -153,26 +153,41 @@ def test_batched_rows_equal_one_at_a_time(arch, task_cls, protocol, words, monke
         assert all(a <= b for a, b in pairs) and (protocol != "strict" or any(a < b for a, b in pairs)), pairs
 
 
-def test_options_scored_in_passes_by_length_equal_one_at_a_time(words, monkeypatch):
-    """Multiple choice with every option length its own pass (a pass costing nothing): the scores, answers and
-    fidelity (taken from the gold option's row) are batch size 1's."""
+class WordsOneToken(WordsMC):
+    """Options of one token each (as letters are): they feed the same tokens, so they share a row."""
+
+    name = "words-one-token"
+
+    def load(self):
+        return [Sample(id=s.id, parts=s.parts, target=" mat", answer="B", choices=(" cat", " mat", " jam"),
+                       letters=("A", "B", "C")) for s in super().load()]
+
+
+@pytest.mark.parametrize("task_cls", [WordsMC, WordsOneToken])
+def test_options_scored_in_passes_by_length_equal_one_at_a_time(words, monkeypatch, task_cls):
+    """Multiple choice with every option length its own pass (a pass costing nothing), and one-token options sharing
+    a row: the scores, answers and fidelity (taken from the gold option's row) are batch size 1's."""
     from kvbench.evaluation import grouping
 
     tok, model = words[0], words[1]["qwen3"]
     monkeypatch.setattr(grouping, "PASS_TOKENS", 0)
-    lengths = []
+    sizes = []
     real_stack = KVCache.stack.__func__
     monkeypatch.setattr(KVCache, "stack", classmethod(lambda cls, config, caches: (
-        lengths.append(len(caches)), real_stack(cls, config, caches))[1]))
-    batched = evaluate(model, tok, WordsMC(), METHODS, progress=False, batch_size=6)
+        sizes.append(len(caches)), real_stack(cls, config, caches))[1]))
+    batched = evaluate(model, tok, task_cls(), METHODS, progress=False, batch_size=6)
     monkeypatch.undo()
-    reference = evaluate(model, tok, WordsMC(), METHODS, progress=False, batch_size=1)
-    assert len(lengths) > len(METHODS)  # more passes than configurations: options split by length
+    reference = evaluate(model, tok, task_cls(), METHODS, progress=False, batch_size=1)
+    if task_cls is WordsMC:
+        assert len(sizes) > len(METHODS)  # more passes than configurations: options split by length
+    else:  # a row per (sample, configuration): batches of 6, not 6 x 3 options
+        assert max(sizes) == 6
     for a, b in zip(reference, batched):
         assert (b.extracted, b.score, b.cache_bytes) == (a.extracted, a.score, a.cache_bytes), a.config
         assert b.extra["option_loglik"] == pytest.approx(a.extra["option_loglik"], abs=1e-4)
         assert b.kl == pytest.approx(a.kl, abs=1e-4) and b.delta_nll == pytest.approx(a.delta_nll, abs=1e-4)
         assert (b.top1, b.kl_p99) == pytest.approx((a.top1, a.kl_p99), abs=1e-4)
+    assert any(r.kl > 0 for r in reference)  # fidelity measured, not all zeros
 
 
 def test_stacking_refuses_what_would_decode_wrongly(words):

@@ -93,12 +93,16 @@ def forced_logits(model, cache: KVCache, prompts: Sequence[Prompt], seqs: Sequen
     return blocks[0] if len(blocks) == 1 else torch.cat([b.to(blocks[-1].dtype) for b in blocks], dim=1)
 
 
-def option_scores(logits: torch.Tensor, options: Sequence[Sequence[int]]) -> list[float]:
-    """Each row's summed log-likelihood of its option (rows of `forced_logits` fed `options`)."""
+def option_scores(logits: torch.Tensor, options: Sequence[Sequence[int]], rows: Sequence[int] | None = None,
+                  ) -> list[float]:
+    """Each option's summed log-likelihood, read from its row of `forced_logits` (`rows[j]` for option j, default
+    j: options that feed the same tokens, all but their last, may share one row)."""
     L = logits.shape[1]
+    at = torch.tensor(list(range(len(options)) if rows is None else rows), device=logits.device)
     targets = torch.tensor([[*o, *[0] * (L - len(o))] for o in options], device=logits.device)
-    lp = logits.float().log_softmax(-1).gather(2, targets[..., None])[..., 0]
-    return [float(lp[i, :len(o)].sum()) for i, o in enumerate(options)]
+    lp = logits.float().log_softmax(-1)
+    picked = lp[at[:, None], torch.arange(L, device=logits.device)[None], targets]
+    return [float(picked[i, :len(o)].sum()) for i, o in enumerate(options)]
 
 
 @torch.inference_mode()

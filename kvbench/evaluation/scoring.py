@@ -159,23 +159,27 @@ def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
     prompts = [it.run.prompt for it in items]
     gold_fid: dict[int, Fidelity] = {}
     if loglik:
-        # (item, option) rows, scored in passes of similar option lengths: a pass pads its rows to its longest.
+        # A row per (item, tokens fed): options that feed the same tokens, all but their last (one-token options,
+        # letters), share one. Rows are scored in passes of similar lengths: a pass pads its rows to its longest.
         options = [it.run.options for it in items]
-        rows = sorted(((k, i) for k, opts in enumerate(options) for i in range(len(opts))),
-                      key=lambda r: len(options[r[0]][r[1]]))
+        fed = {(k, tuple(o[:-1])): o for k, opts in enumerate(options) for o in opts}  # one option of each row
+        rows = sorted(fed, key=lambda r: len(r[1]))
         scores: dict[tuple[int, int], float] = {}
-        for b in length_buckets([len(options[k][i]) for k, i in rows]):
+        for b in length_buckets([len(p) + 1 for _, p in rows]):
             part = rows[b.start:b.stop]
-            seqs = [options[k][i] for k, i in part]
+            at = {r: n for n, r in enumerate(part)}
             logits = forced_logits(model, _stack(model, [items[k].cache for k, _ in part]),
-                                   [prompts[k] for k, _ in part], seqs)
-            scores.update(zip(part, option_scores(logits, seqs)))
-            for r, (k, _) in enumerate(part):
+                                   [prompts[k] for k, _ in part], [fed[r] for r in part])
+            mine = [(k, i) for k, opts in enumerate(options) for i, o in enumerate(opts) if (k, tuple(o[:-1])) in at]
+            seqs = [options[k][i] for k, i in mine]
+            scores.update(zip(mine, option_scores(logits, seqs, [at[k, tuple(o[:-1])] for (k, _), o in
+                                                                 zip(mine, seqs)])))
+            for k, i in mine:
                 # The gold answer is one of the options: its row holds the fidelity pass along it already.
-                run = items[k].run
-                if seqs[r] == run.target_ids and items[k].method.name != "full" and id(run) in full_lps:
-                    ids = run.target_ids
-                    gold_fid[k] = along_target(full_lps[id(run)], logits[r, :len(ids)].float().log_softmax(-1), ids)
+                run, ids = items[k].run, options[k][i]
+                if ids == run.target_ids and items[k].method.name != "full" and id(run) in full_lps:
+                    row = logits[at[k, tuple(ids[:-1])], :len(ids)]
+                    gold_fid[k] = along_target(full_lps[id(run)], row.float().log_softmax(-1), ids)
             del logits
         results = [(_choice(it.run.task, it.run.sample, [scores[k, i] for i in range(len(opts))]),
                     fed_tokens(it.run.prompt, max(len(o) for o in opts)))  # as `choose` counts it
