@@ -127,12 +127,6 @@ class _Item:
     built: float  # seconds building the cache took (its compression counts in the row's seconds)
 
 
-def _stack(model, caches: list[KVCache], repeat: list[int] | None = None) -> KVCache:
-    """The caches as rows of one batch, each `repeat` times in a row (its options): one copy, by `KVCache.stack`."""
-    return KVCache.stack(model.config, caches if repeat is None else
-                         [c for c, r in zip(caches, repeat) for _ in range(r)])
-
-
 def _fidelity(model, items: list[_Item], full_lps: dict[int, torch.Tensor]) -> list[Fidelity]:
     """Each row's fidelity to the full cache along its sample's gold target, teacher-forced through its cache as rows
     of one batch; each block of positions is reduced as `forced_blocks` yields it, so only one is held."""
@@ -140,7 +134,8 @@ def _fidelity(model, items: list[_Item], full_lps: dict[int, torch.Tensor]) -> l
     L, dev = max(map(len, ids)), model.device
     idx = torch.tensor([[*i, *[0] * (L - len(i))] for i in ids], device=dev)
     parts, at = [], 0
-    for block in forced_blocks(model, _stack(model, [it.cache for it in items]), [it.run.prompt for it in items], ids):
+    stacked = KVCache.stack(model.config, [it.cache for it in items])
+    for block in forced_blocks(model, stacked, [it.run.prompt for it in items], ids):
         q = block.shape[1]
         full = torch.stack([F.pad(full_lps[id(it.run)][at:at + q], (0, 0, 0, q - len(i[at:at + q])))
                             for it, i in zip(items, ids)])  # positions past a row's target: padding, unread
@@ -162,31 +157,31 @@ def _together(model, tokenizer, items: list[_Item], loglik: bool, max_new: int,
         # A row per (item, tokens fed): options that feed the same tokens, all but their last (one-token options,
         # letters), share one. Rows are scored in passes of similar lengths: a pass pads its rows to its longest.
         options = [it.run.options for it in items]
-        fed = {(k, tuple(o[:-1])): o for k, opts in enumerate(options) for o in opts}  # one option of each row
-        rows = sorted(fed, key=lambda r: len(r[1]))
+        shared: dict[tuple[int, tuple[int, ...]], list[int]] = {}  # (item, tokens fed) -> its options
+        for k, opts in enumerate(options):
+            for i, o in enumerate(opts):
+                shared.setdefault((k, tuple(o[:-1])), []).append(i)
+        rows = sorted(shared, key=lambda r: len(r[1]))
         scores: dict[tuple[int, int], float] = {}
-        for b in length_buckets([len(p) + 1 for _, p in rows]):
+        for b in length_buckets([len(fed) + 1 for _, fed in rows]):
             part = rows[b.start:b.stop]
-            at = {r: n for n, r in enumerate(part)}
-            logits = forced_logits(model, _stack(model, [items[k].cache for k, _ in part]),
-                                   [prompts[k] for k, _ in part], [fed[r] for r in part])
-            mine = [(k, i) for k, opts in enumerate(options) for i, o in enumerate(opts) if (k, tuple(o[:-1])) in at]
-            seqs = [options[k][i] for k, i in mine]
-            scores.update(zip(mine, option_scores(logits, seqs, [at[k, tuple(o[:-1])] for (k, _), o in
-                                                                 zip(mine, seqs)])))
-            for k, i in mine:
+            logits = forced_logits(model, KVCache.stack(model.config, [items[k].cache for k, _ in part]),
+                                   [prompts[k] for k, _ in part], [options[k][shared[k, fed][0]] for k, fed in part])
+            mine = [(n, k, i) for n, (k, fed) in enumerate(part) for i in shared[k, fed]]  # (row, item, option)
+            scores.update(zip([(k, i) for _, k, i in mine],
+                              option_scores(logits, [options[k][i] for _, k, i in mine], [n for n, _, _ in mine])))
+            for n, k, i in mine:
                 # The gold answer is one of the options: its row holds the fidelity pass along it already.
                 run, ids = items[k].run, options[k][i]
                 if ids == run.target_ids and items[k].method.name != "full" and id(run) in full_lps:
-                    row = logits[at[k, tuple(ids[:-1])], :len(ids)]
-                    gold_fid[k] = along_target(full_lps[id(run)], row.float().log_softmax(-1), ids)
+                    gold_fid[k] = along_target(full_lps[id(run)], logits[n, :len(ids)].float().log_softmax(-1), ids)
             del logits
         results = [(_choice(it.run.task, it.run.sample, [scores[k, i] for i in range(len(opts))]),
                     fed_tokens(it.run.prompt, max(len(o) for o in opts)))  # as `choose` counts it
                    for k, (it, opts) in enumerate(zip(items, options))]
     else:
         task = items[0].run.task
-        stacked = _stack(model, [it.cache for it in items])
+        stacked = KVCache.stack(model.config, [it.cache for it in items])
         texts = decode(model, tokenizer, stacked, prompts, max_new, task.config.stop, items[0].run.eos)
         results = [(_text(task, it.run.sample, text), fed) for it, (text, fed) in zip(items, texts)]
         del stacked
